@@ -1,0 +1,1 @@
+"""EVA-CLIP towers in Paddle."""

@@ -1,0 +1,173 @@
+"""One transformer block family for both towers.
+
+The vision variants (EVA01, EVA02 with RoPE/SwiGLU/sub-LN, postnorm, RMSNorm) and the causal text
+block differ only by constructor flags. q/k/v and MLP input projections are column-parallel, the
+output projections row-parallel, so the same block runs sharded under tensor parallelism.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import paddle
+import paddle.nn as nn
+import paddle.nn.functional as F
+from paddle.distributed.fleet.utils import recompute
+
+from ..parallel import topology
+from ..parallel.layers import ColumnParallelLinear, RowParallelLinear
+from .norm import make_norm
+from .rope import apply_rope
+
+# Exact math attention instead of the fused kernel (used by tests as the reference path).
+USE_SDPA = True
+
+
+@dataclass
+class BlockSpec:
+    width: int
+    heads: int
+    mlp_hidden: int
+    q_bias: bool = True         # bias on q (and v)
+    k_bias: bool = False        # text attention has a full q/k/v bias
+    swiglu: bool = False
+    subln: bool = False
+    postnorm: bool = False
+    rms: bool = False
+    eps: float = 1e-6
+    fused_ln: bool = False
+    causal: bool = False
+    proj_bias: bool = True      # bias of attn.proj and the MLP linears
+
+
+class DropPath(nn.Layer):
+    """Stochastic depth per sample."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = paddle.bernoulli(paddle.full([x.shape[0]] + [1] * (x.ndim - 1), keep, dtype=x.dtype))
+        return x * mask / keep
+
+
+class Attention(nn.Layer):
+    def __init__(self, s: BlockSpec):
+        super().__init__()
+        if s.heads % topology.mp_world_size():
+            raise ValueError(f"{s.heads} attention heads are not divisible by the tensor-parallel degree "
+                             f"{topology.mp_world_size()}")
+        self.heads_local = s.heads // topology.mp_world_size()
+        self.head_dim = s.width // s.heads
+        self.causal = s.causal
+        self.q_proj = ColumnParallelLinear(s.width, s.width, bias=s.q_bias)
+        self.k_proj = ColumnParallelLinear(s.width, s.width, bias=s.k_bias)
+        self.v_proj = ColumnParallelLinear(s.width, s.width, bias=s.q_bias)
+        self.inner_attn_ln = make_norm(s.width, s.eps, s.rms, s.fused_ln, sharded=True) if s.subln else None
+        self.proj = RowParallelLinear(s.width, s.width, bias=s.proj_bias)
+
+    def _qkv(self, x):
+        # One GEMM for q, k and v; the concat of weights is cheap next to the matmul.
+        w = paddle.concat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight], axis=1)
+        biases = [p.bias if p.bias is not None else None for p in (self.q_proj, self.k_proj, self.v_proj)]
+        b = None
+        if any(t is not None for t in biases):
+            n = self.q_proj.out_local
+            b = paddle.concat([t if t is not None else paddle.zeros([n], dtype=w.dtype) for t in biases])
+        if self.q_proj.world > 1:
+            from ..parallel.collectives import copy_to_mp
+            x = copy_to_mp(x)
+        return F.linear(x, w, b)
+
+    def forward(self, x, rope=None):
+        B, N = x.shape[0], x.shape[1]
+        qkv = self._qkv(x).reshape([B, N, 3, self.heads_local, self.head_dim])
+        q, k, v = qkv.unbind(axis=2)                                   # [B, N, H, D] each
+        if rope is not None:
+            cos, sin = rope                                             # applies to patch tokens only
+            q = paddle.concat([q[:, :1], apply_rope(q[:, 1:], cos, sin)], axis=1)
+            k = paddle.concat([k[:, :1], apply_rope(k[:, 1:], cos, sin)], axis=1)
+        if USE_SDPA:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        else:
+            o = attention_math(q, k, v, self.causal)
+        o = o.reshape([B, N, self.heads_local * self.head_dim])
+        if self.inner_attn_ln is not None:
+            o = self.inner_attn_ln(o)
+        return self.proj(o)
+
+
+def attention_math(q, k, v, causal: bool):
+    """Plain softmax(q k^T / sqrt(d)) v on [B, N, H, D] tensors, fp32 softmax."""
+    q, k, v = (t.transpose([0, 2, 1, 3]) for t in (q, k, v))
+    s = paddle.matmul(q, k, transpose_y=True) * (q.shape[-1] ** -0.5)
+    if causal:
+        n = s.shape[-1]
+        s = s + paddle.triu(paddle.full([n, n], float("-inf"), dtype=s.dtype), 1)
+    p = F.softmax(s.astype("float32"), axis=-1).astype(v.dtype)
+    return paddle.matmul(p, v).transpose([0, 2, 1, 3])
+
+
+class Mlp(nn.Layer):
+    """fc1 -> GELU -> (ffn_ln) -> fc2."""
+
+    def __init__(self, s: BlockSpec):
+        super().__init__()
+        self.fc1 = ColumnParallelLinear(s.width, s.mlp_hidden, bias=s.proj_bias)
+        self.ffn_ln = make_norm(s.mlp_hidden, s.eps, s.rms, s.fused_ln, sharded=True) if s.subln else None
+        self.fc2 = RowParallelLinear(s.mlp_hidden, s.width, bias=s.proj_bias)
+
+    def forward(self, x):
+        h = F.gelu(self.fc1(x))
+        if self.ffn_ln is not None:
+            h = self.ffn_ln(h)
+        return self.fc2(h)
+
+
+class SwiGLU(nn.Layer):
+    """w3(ffn_ln(silu(w1 x) * w2 x))."""
+
+    def __init__(self, s: BlockSpec):
+        super().__init__()
+        self.w1 = ColumnParallelLinear(s.width, s.mlp_hidden, bias=s.proj_bias)
+        self.w2 = ColumnParallelLinear(s.width, s.mlp_hidden, bias=s.proj_bias)
+        self.ffn_ln = make_norm(s.mlp_hidden, s.eps, s.rms, s.fused_ln, sharded=True) if s.subln else None
+        self.w3 = RowParallelLinear(s.mlp_hidden, s.width, bias=s.proj_bias)
+
+    def forward(self, x):
+        h = F.silu(self.w1(x)) * self.w2(x)
+        if self.ffn_ln is not None:
+            h = self.ffn_ln(h)
+        return self.w3(h)
+
+
+class Block(nn.Layer):
+    def __init__(self, s: BlockSpec, drop_path: float = 0.0):
+        super().__init__()
+        self.postnorm = s.postnorm
+        self.norm1 = make_norm(s.width, s.eps, s.rms, s.fused_ln)
+        self.attn = Attention(s)
+        self.norm2 = make_norm(s.width, s.eps, s.rms, s.fused_ln)
+        self.mlp = SwiGLU(s) if s.swiglu else Mlp(s)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x, rope=None):
+        if self.postnorm:
+            x = x + self.drop_path(self.norm1(self.attn(x, rope)))
+            return x + self.drop_path(self.norm2(self.mlp(x)))
+        x = x + self.drop_path(self.attn(self.norm1(x), rope))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+def run_blocks(blocks: nn.LayerList, x, rope=None, checkpoint: bool = False):
+    """Applies the blocks, recomputing each one's activations in backward when `checkpoint`."""
+    for blk in blocks:
+        if checkpoint and x.stop_gradient is False:
+            x = recompute(blk, x, rope) if rope is not None else recompute(blk, x)
+        else:
+            x = blk(x, rope)
+    return x

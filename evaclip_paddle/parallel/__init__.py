@@ -1,0 +1,1 @@
+"""Parallel layouts: topology from flags, collectives that run on gloo and NCCL, TP-aware layers."""
