@@ -9,7 +9,7 @@ from typing import Dict, List, Optional, Tuple, Union
 
 import paddle
 
-from .config import CLIPConfig, ConfigError, load_config_file
+from .config import CLIPConfig, load_config_file
 
 _CONFIG_DIR = os.path.join(os.path.dirname(__file__), "model_configs")
 _USER_CONFIG_DIRS: List[str] = []
@@ -93,6 +93,11 @@ def create_model(model_name: Union[str, CLIPConfig], pretrained: Optional[str] =
 
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got '{precision}'")
+    if not lazy and not device_supports(precision):
+        raise RuntimeError(
+            f"precision '{precision}' is not available on {paddle.device.get_device()}: Paddle has no "
+            f"{_DTYPES[precision]} matmul kernel there in dygraph. Use precision='fp32', or export the model "
+            f"and run it with Paddle Inference in bf16 (oneDNN) for fast CPU serving.")
     cfg = _resolve_config(model_name, force_image_size, force_patch_dropout, fused_ln)
     if seed is not None:
         paddle.seed(seed)
@@ -107,8 +112,21 @@ def create_model(model_name: Union[str, CLIPConfig], pretrained: Optional[str] =
     if grad_checkpointing:
         model.set_grad_checkpointing(True)
     if precision != "fp32":
-        model.to(dtype="bfloat16" if precision == "bf16" else "float16")
+        model.to(dtype=_DTYPES[precision])
     return model
+
+
+_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def device_supports(precision: str) -> bool:
+    """Whether the current device has dygraph matmul kernels for this precision (CPU: fp32 only)."""
+    try:
+        a = paddle.ones([2, 2], dtype=_DTYPES[precision])
+        paddle.matmul(a, a)
+        return True
+    except Exception:  # NotFound: kernel not registered for this place/dtype
+        return False
 
 
 def create_model_and_transforms(model_name, pretrained=None, precision="fp32", **kwargs) -> Tuple:
