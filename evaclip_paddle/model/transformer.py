@@ -70,27 +70,20 @@ class Attention(nn.Layer):
         self.inner_attn_ln = make_norm(s.width, s.eps, s.rms, s.fused_ln, sharded=True) if s.subln else None
         self.proj = RowParallelLinear(s.width, s.width, bias=s.proj_bias)
 
-    def _qkv(self, x):
-        # One GEMM for q, k and v; the concat of weights is cheap next to the matmul.
-        w = paddle.concat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight], axis=1)
-        biases = [p.bias if p.bias is not None else None for p in (self.q_proj, self.k_proj, self.v_proj)]
-        b = None
-        if any(t is not None for t in biases):
-            n = self.q_proj.out_local
-            b = paddle.concat([t if t is not None else paddle.zeros([n], dtype=w.dtype) for t in biases])
-        if self.q_proj.world > 1:
-            from ..parallel.collectives import copy_to_mp
-            x = copy_to_mp(x)
-        return F.linear(x, w, b)
-
     def forward(self, x, rope=None):
         B, N = x.shape[0], x.shape[1]
-        qkv = self._qkv(x).reshape([B, N, 3, self.heads_local, self.head_dim])
-        q, k, v = qkv.unbind(axis=2)                                   # [B, N, H, D] each
+        if self.q_proj.world > 1:
+            from ..parallel.collectives import copy_to_mp
+            x = copy_to_mp(x)                                         # once for q, k and v
+        # Three GEMMs rather than one on concatenated weights: no weight concat and no split in
+        # backward, which cost more than the GEMM batching saves on CPU.
+        shape = [B, N, self.heads_local, self.head_dim]
+        q = F.linear(x, self.q_proj.weight, self.q_proj.bias).reshape(shape)
+        k = F.linear(x, self.k_proj.weight, self.k_proj.bias).reshape(shape)
+        v = F.linear(x, self.v_proj.weight, self.v_proj.bias).reshape(shape)
         if rope is not None:
-            cos, sin = rope                                             # applies to patch tokens only
-            q = paddle.concat([q[:, :1], apply_rope(q[:, 1:], cos, sin)], axis=1)
-            k = paddle.concat([k[:, :1], apply_rope(k[:, 1:], cos, sin)], axis=1)
+            cos, sin = rope                                             # CLS row is the identity
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if USE_SDPA:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         else:
