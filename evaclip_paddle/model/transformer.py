@@ -82,8 +82,7 @@ class Attention(nn.Layer):
         k = F.linear(x, self.k_proj.weight, self.k_proj.bias).reshape(shape)
         v = F.linear(x, self.v_proj.weight, self.v_proj.bias).reshape(shape)
         if rope is not None:
-            cos, sin = rope                                             # CLS row is the identity
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)          # CLS row is the identity
         if USE_SDPA:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         else:
