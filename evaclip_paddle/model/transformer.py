@@ -74,7 +74,7 @@ class Attention(nn.Layer):
         B, N = x.shape[0], x.shape[1]
         if self.q_proj.world > 1:
             from ..parallel.collectives import copy_to_mp
-            x = copy_to_mp(x)                                         # once for q, k and v
+            x = copy_to_mp(x, self.q_proj.group)                      # once for q, k and v
         # Three GEMMs rather than one on concatenated weights: no weight concat and no split in
         # backward, which cost more than the GEMM batching saves on CPU.
         shape = [B, N, self.heads_local, self.head_dim]

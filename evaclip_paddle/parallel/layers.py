@@ -12,12 +12,20 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 
 from . import topology
+from .collectives import copy_to_mp, gather_from_mp, reduce_from_mp
+
+
+# Weights start at zero (no RNG draw): how much of the global RNG stream construction consumes then
+# does not depend on the layout, and model.init_weights draws shards from full-size tensors, so a
+# seed gives the same model at every tensor-parallel degree.
+_ZERO = nn.initializer.Constant(0.0)
 
 
 def _split(n: int, what: str) -> int:
     world = topology.mp_world_size()
     if n % world:
-        raise ValueError(f"{what}={n} is not divisible by the tensor-parallel degree {world}")
+        raise ValueError(f"{what}={n} is not divisible by the tensor-parallel degree {world} "
+                         f"(--tensor_parallel_degree)")
     return n // world
 
 
@@ -27,10 +35,10 @@ class ColumnParallelLinear(nn.Layer):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, gather_output: bool = False):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.world = topology.mp_world_size()
+        self.world, self.group = topology.mp_world_size(), topology.get_mp_group()
         self.out_local = _split(out_features, "out_features")
         self.gather_output = gather_output
-        self.weight = self.create_parameter([in_features, self.out_local])
+        self.weight = self.create_parameter([in_features, self.out_local], default_initializer=_ZERO)
         self.weight.is_distributed = self.world > 1
         self.weight.split_axis = 1
         self.bias = self.create_parameter([self.out_local], is_bias=True) if bias else None
@@ -40,12 +48,10 @@ class ColumnParallelLinear(nn.Layer):
 
     def forward(self, x):
         if self.world > 1:
-            from .collectives import copy_to_mp
-            x = copy_to_mp(x)
+            x = copy_to_mp(x, self.group)
         y = F.linear(x, self.weight, self.bias)
         if self.gather_output and self.world > 1:
-            from .collectives import gather_from_mp
-            y = gather_from_mp(y)
+            y = gather_from_mp(y, self.group)
         return y
 
 
@@ -55,9 +61,9 @@ class RowParallelLinear(nn.Layer):
     def __init__(self, in_features: int, out_features: int, bias: bool = True):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.world = topology.mp_world_size()
+        self.world, self.group = topology.mp_world_size(), topology.get_mp_group()
         self.in_local = _split(in_features, "in_features")
-        self.weight = self.create_parameter([self.in_local, out_features])
+        self.weight = self.create_parameter([self.in_local, out_features], default_initializer=_ZERO)
         self.weight.is_distributed = self.world > 1
         self.weight.split_axis = 0
         # The bias is replicated and added once, after the reduction.
@@ -66,8 +72,7 @@ class RowParallelLinear(nn.Layer):
     def forward(self, x):
         y = F.linear(x, self.weight)
         if self.world > 1:
-            from .collectives import reduce_from_mp
-            y = reduce_from_mp(y)
+            y = reduce_from_mp(y, self.group)
         return y if self.bias is None else y + self.bias
 
 
@@ -76,21 +81,20 @@ class VocabParallelEmbedding(nn.Layer):
 
     def __init__(self, num_embeddings: int, embedding_dim: int):
         super().__init__()
-        self.world = topology.mp_world_size()
+        self.world, self.group = topology.mp_world_size(), topology.get_mp_group()
         self.num_embeddings = num_embeddings
         self.per_rank = _split(num_embeddings, "vocab_size")
         self.start = topology.mp_rank() * self.per_rank
-        self.weight = self.create_parameter([self.per_rank, embedding_dim])
+        self.weight = self.create_parameter([self.per_rank, embedding_dim], default_initializer=_ZERO)
         self.weight.is_distributed = self.world > 1
         self.weight.split_axis = 0
 
     def forward(self, ids):
         if self.world == 1:
             return F.embedding(ids, self.weight)
-        from .collectives import reduce_from_mp
         local = ids - self.start
         outside = (local < 0) | (local >= self.per_rank)
         local = paddle.where(outside, paddle.zeros_like(local), local)
         out = F.embedding(local, self.weight)
         out = out * (~outside).unsqueeze(-1).astype(out.dtype)
-        return reduce_from_mp(out)
+        return reduce_from_mp(out, self.group)
