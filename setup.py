@@ -20,6 +20,12 @@ setup(
     entry_points={
         "console_scripts": [
             "evaclip-list=evaclip_paddle.list:main",
+            "evaclip-convert=evaclip_paddle.convert.cli:main",
+            "evaclip-eval=evaclip_paddle.eval.cli:main",
+            "evaclip-export=evaclip_paddle.export.export:main",
+            "evaclip-embed=evaclip_paddle.export.embed:main",
+            "evaclip-serve=evaclip_paddle.export.serve:main",
+            "evaclip-train=evaclip_paddle.train.cli:main",
         ],
     },
 )

@@ -38,8 +38,8 @@ def read_state_dict(path: str) -> Dict[str, np.ndarray]:
                 out.update(read_state_dict(os.path.join(os.path.dirname(path), shard)))
             return out
         if path.endswith(".safetensors"):
-            from safetensors.numpy import load_file
-            return load_file(path)
+            from .convert.readers import read_safetensors   # memory-mapped; understands bfloat16
+            return {k: t.values() for k, t in read_safetensors(path).items()}
         if path.endswith((".pdparams", ".pdopt")):
             sd = paddle.load(path, return_numpy=True)
             if not isinstance(sd, dict):
@@ -58,10 +58,10 @@ def load_state_dict_into(model, sd: Dict[str, np.ndarray], strict: bool = False,
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
-    for k, v in sd.items():
+    for k in sd:
         if k not in own:
             continue
-        target = own[k]
+        v, target = sd[k], own[k]       # sd may be a lazy mapping: read one tensor at a time
         if list(v.shape) != list(target.shape):
             raise CheckpointError(f"{source}: shape mismatch for '{k}': checkpoint {list(v.shape)} "
                                   f"vs model {list(target.shape)}")
@@ -72,14 +72,22 @@ def load_state_dict_into(model, sd: Dict[str, np.ndarray], strict: bool = False,
     return missing, unexpected
 
 
-def load_pretrained(model, path: str, strict: bool = False):
-    """Loads our own layout; missing/unexpected keys are reported, shape mismatches refused."""
-    weights = find_weights(path)
-    sd = read_state_dict(weights)
-    missing, unexpected = load_state_dict_into(model, sd, strict=strict, source=weights)
+def load_pretrained(model, path: str, strict: bool = False, init_missing: bool = False):
+    """Loads weights of any supported layout (ours, PaddleMIX, EVA-CLIP or open_clip PyTorch files) one
+    tensor at a time; missing/unexpected keys are reported, shape mismatches refused.
+
+    init_missing: run model.init_weights() first, but only when the checkpoint lacks some of the model's
+    tensors (a complete checkpoint overwrites everything, so the costly initialisation is skipped).
+    """
+    from .convert.converter import open_as_ours
+    view, _, report = open_as_ours(path, model=model.cfg)
+    if init_missing and any(k not in view for k in model.state_dict()):
+        model.init_weights()
+    missing, unexpected = load_state_dict_into(model, view, strict=strict, source=report.source)
+    unexpected = unexpected + [k for k in report.unexpected if k not in unexpected]
     if missing or unexpected:
         import warnings
-        warnings.warn(f"{weights}: {len(missing)} missing keys (e.g. {missing[:3]}), "
+        warnings.warn(f"{report.source}: {len(missing)} missing keys (e.g. {missing[:3]}), "
                       f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})")
     return missing, unexpected
 
@@ -93,7 +101,7 @@ def save_weights(model_or_sd, out_dir: str, config: dict = None, fmt: str = "saf
         from safetensors.numpy import save_file
         dst = os.path.join(out_dir, "model.safetensors")
         tmp = dst + ".tmp"
-        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, tmp)
+        save_file({k: np.array(v, order="C") for k, v in arrays.items()}, tmp)  # ascontiguousarray makes 0-d 1-d
     elif fmt == "pdparams":
         dst = os.path.join(out_dir, "model_state.pdparams")
         tmp = dst + ".tmp"

@@ -80,13 +80,34 @@ def _resolve_config(model: Union[str, CLIPConfig], force_image_size=None, force_
     return cfg
 
 
-def create_model(model_name: Union[str, CLIPConfig], pretrained: Optional[str] = None, precision: str = "fp32",
+def _config_for_pretrained(model_name: Optional[str], pretrained: Optional[str]) -> Tuple[CLIPConfig, str]:
+    """Config when no zoo name is given: config.json in the directory (model_name or pretrained), else
+    detected from the checkpoint's keys and shapes. Returns (config, weights path)."""
+    src = model_name or pretrained
+    if not src:
+        raise ValueError("create_model needs a model name, a config, or pretrained=<directory with config.json>")
+    folder = src if os.path.isdir(src) else os.path.dirname(src)
+    cfg_path = os.path.join(folder, "config.json")
+    if os.path.isfile(cfg_path):
+        cfg = load_config_file(cfg_path)
+        cfg = dataclasses.replace(cfg, name=os.path.basename(os.path.abspath(folder)))
+    else:
+        from .convert.converter import open_as_ours
+        _, cfg, _ = open_as_ours(src)
+    return cfg, pretrained or src
+
+
+def create_model(model_name: Union[str, CLIPConfig, None] = None, pretrained: Optional[str] = None,
+                 precision: str = "fp32",
                  force_image_size: Optional[int] = None, force_patch_dropout: Optional[float] = None,
                  grad_checkpointing: bool = False, fused_ln: Optional[bool] = None, lazy: bool = False,
                  seed: Optional[int] = None):
     """Builds an EVA-CLIP model.
 
-    pretrained: a directory written by the converter / trainer (config + weights) or a weights file.
+    model_name: zoo name, config .json, CLIPConfig, or a directory holding config.json (then also the
+        weights unless `pretrained` is given); None takes the config from `pretrained`.
+    pretrained: a directory written by the converter / trainer (config + weights) or a weights file of any
+        layout the converter reads (ours, PaddleMIX, EVA-CLIP or open_clip PyTorch checkpoints).
     lazy: build under paddle.LazyGuard (no memory for parameters; for counting giant configs).
     """
     from .model.clip import EVACLIP
@@ -98,6 +119,8 @@ def create_model(model_name: Union[str, CLIPConfig], pretrained: Optional[str] =
             f"precision '{precision}' is not available on {paddle.device.get_device()}: Paddle has no "
             f"{_DTYPES[precision]} matmul kernel there in dygraph. Use precision='fp32', or export the model "
             f"and run it with Paddle Inference in bf16 (oneDNN) for fast CPU serving.")
+    if model_name is None or (isinstance(model_name, str) and os.path.isdir(model_name)):
+        model_name, pretrained = _config_for_pretrained(model_name, pretrained)
     cfg = _resolve_config(model_name, force_image_size, force_patch_dropout, fused_ln)
     if seed is not None:
         paddle.seed(seed)
@@ -105,10 +128,11 @@ def create_model(model_name: Union[str, CLIPConfig], pretrained: Optional[str] =
         with paddle.LazyGuard():
             return EVACLIP(cfg)
     model = EVACLIP(cfg)
-    model.init_weights()
     if pretrained:
         from .checkpoint_io import load_pretrained
-        load_pretrained(model, pretrained)
+        load_pretrained(model, pretrained, init_missing=True)    # initialises only if the checkpoint is partial
+    else:
+        model.init_weights()
     if grad_checkpointing:
         model.set_grad_checkpointing(True)
     if precision != "fp32":
