@@ -7,7 +7,8 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 want="${1:-runtime}"   # runtime | test
 reqs="$here/requirements.txt"
 [ "$want" = test ] && reqs="$here/requirements-test.txt"
-key=$(cat "$here/requirements.txt" "$here/requirements-test.txt" "$here/scripts/setup_env.sh" | sha256sum | cut -c1-12)
+key=$(cat "$here/requirements.txt" "$here/requirements-test.txt" "$here/scripts/setup_env.sh" \
+  "$here"/external_ops/setup.py "$here"/external_ops/fused_ln/* | sha256sum | cut -c1-12)
 venv="${EVACLIP_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/evaclip_paddle/venv-$key}"
 stamp="$venv/.evaclip-$want"
 if [ ! -f "$stamp" ]; then
@@ -23,6 +24,12 @@ if [ ! -f "$stamp" ]; then
     touch "$venv/.evaclip-runtime"
   fi
   "$venv/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$here" >&2
+  # The fused LayerNorm/RMSNorm op (C++; CUDA too where nvcc and a GPU Paddle exist). Without it the
+  # models fall back to Paddle's own norm kernels, so a failed build is reported, not fatal.
+  if ! (cd "$here/external_ops" && "$venv/bin/python" -m pip install -q --no-build-isolation . >&2); then
+    echo "[setup] warning: external_ops (fused_ln) did not build; using Paddle's native norms" >&2
+  fi
+  rm -rf "$here/external_ops/build"
   touch "$stamp"
 fi
 # The editable install points at the clone that built the venv; a different clone re-points it.
