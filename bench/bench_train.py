@@ -150,11 +150,12 @@ def interleaved(fns, iters):
 
 
 def rss_child(fw: str, model: str, batch: int):
-    """Peak RSS (MiB) of a fresh process doing two train steps with one framework."""
+    """Peak RSS (MiB) of a fresh process doing two train steps with one framework. VmHWM, not
+    ru_maxrss: the latter survives execve, so a child would report its parent's peak."""
     code = (f"import sys; sys.argv=['x']; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r});"
-            f"import bench_train as b, resource; m=(b.Ours if {fw!r}=='ours' else b.Theirs)({model!r});"
+            f"import bench_train as b; m=(b.Ours if {fw!r}=='ours' else b.Theirs)({model!r});"
             f"d=m.data({batch}); m.train_step(*d); m.train_step(*d);"
-            f"print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024)")
+            f"print([int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')][0]/1024)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     try:
         return float(out.stdout.strip().splitlines()[-1])
@@ -166,7 +167,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="EVA02-CLIP-B-16", choices=sorted(OPEN_CLIP_NAME))
     ap.add_argument("--batches", type=int, nargs="+", default=[8, 32])
-    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--iters", type=int, default=2)
     ap.add_argument("--infer_batch", type=int, default=32)
     ap.add_argument("--no_rss", action="store_true")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "train.json"))

@@ -8,7 +8,7 @@ from ..config import TextConfig
 from ..parallel.layers import VocabParallelEmbedding
 from . import init as winit
 from .norm import make_norm
-from .transformer import Block, BlockSpec, run_blocks
+from .transformer import Block, BlockSpec, causal_mask, run_blocks
 
 
 class TextTransformer(nn.Layer):
@@ -52,7 +52,8 @@ class TextTransformer(nn.Layer):
         self.check_ids(ids)
         n = ids.shape[1]
         x = self.token_embedding(ids) + self.positional_embedding[:n]
-        x = run_blocks(self.blocks, x, None, self.grad_checkpointing and self.training)
+        mask = causal_mask(n, x.dtype)                                  # once, shared by every layer
+        x = run_blocks(self.blocks, x, None, self.grad_checkpointing and self.training, mask=mask)
         x = self.norm(x)
         eot = paddle.argmax(ids, axis=-1)                               # EOT has the largest id
         x = paddle.take_along_axis(x, eot.reshape([-1, 1, 1]).expand([-1, 1, x.shape[-1]]), axis=1,

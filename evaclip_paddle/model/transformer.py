@@ -70,7 +70,9 @@ class Attention(nn.Layer):
         self.inner_attn_ln = make_norm(s.width, s.eps, s.rms, s.fused_ln, sharded=True) if s.subln else None
         self.proj = RowParallelLinear(s.width, s.width, bias=s.proj_bias)
 
-    def forward(self, x, rope=None):
+    def forward(self, x, rope=None, mask=None):
+        """mask: additive [N, N] attention mask (the text tower passes its causal mask, built once
+        per forward instead of once per layer)."""
         B, N = x.shape[0], x.shape[1]
         if self.q_proj.world > 1:
             from ..parallel.collectives import copy_to_mp
@@ -83,23 +85,29 @@ class Attention(nn.Layer):
         v = F.linear(x, self.v_proj.weight, self.v_proj.bias).reshape(shape)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)          # CLS row is the identity
+        if mask is None and self.causal:
+            mask = causal_mask(N, q.dtype)
         if USE_SDPA:
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         else:
-            o = attention_math(q, k, v, self.causal)
+            o = attention_math(q, k, v, mask)
         o = o.reshape([B, N, self.heads_local * self.head_dim])
         if self.inner_attn_ln is not None:
             o = self.inner_attn_ln(o)
         return self.proj(o)
 
 
-def attention_math(q, k, v, causal: bool):
-    """Plain softmax(q k^T / sqrt(d)) v on [B, N, H, D] tensors, fp32 softmax."""
+def causal_mask(n: int, dtype="float32"):
+    """Additive mask: -inf above the diagonal."""
+    return paddle.triu(paddle.full([n, n], float("-inf"), dtype=dtype), 1)
+
+
+def attention_math(q, k, v, mask=None):
+    """Plain softmax(q k^T / sqrt(d) + mask) v on [B, N, H, D] tensors, fp32 softmax."""
     q, k, v = (t.transpose([0, 2, 1, 3]) for t in (q, k, v))
     s = paddle.matmul(q, k, transpose_y=True) * (q.shape[-1] ** -0.5)
-    if causal:
-        n = s.shape[-1]
-        s = s + paddle.triu(paddle.full([n, n], float("-inf"), dtype=s.dtype), 1)
+    if mask is not None:
+        s = s + mask
     p = F.softmax(s.astype("float32"), axis=-1).astype(v.dtype)
     return paddle.matmul(p, v).transpose([0, 2, 1, 3])
 
@@ -147,19 +155,19 @@ class Block(nn.Layer):
         self.mlp = SwiGLU(s) if s.swiglu else Mlp(s)
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x, rope=None):
+    def forward(self, x, rope=None, mask=None):
         if self.postnorm:
-            x = x + self.drop_path(self.norm1(self.attn(x, rope)))
+            x = x + self.drop_path(self.norm1(self.attn(x, rope, mask)))
             return x + self.drop_path(self.norm2(self.mlp(x)))
-        x = x + self.drop_path(self.attn(self.norm1(x), rope))
+        x = x + self.drop_path(self.attn(self.norm1(x), rope, mask))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
-def run_blocks(blocks: nn.LayerList, x, rope=None, checkpoint: bool = False):
+def run_blocks(blocks: nn.LayerList, x, rope=None, checkpoint: bool = False, mask=None):
     """Applies the blocks, recomputing each one's activations in backward when `checkpoint`."""
     for blk in blocks:
         if checkpoint and x.stop_gradient is False:
-            x = recompute(blk, x, rope) if rope is not None else recompute(blk, x)
+            x = recompute(blk, x, rope, mask)
         else:
-            x = blk(x, rope)
+            x = blk(x, rope, mask)
     return x
