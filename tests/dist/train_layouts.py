@@ -1,0 +1,79 @@
+"""Worker: the training loop (run_training) under several parallel layouts in one launch.
+
+2 ranks: sharding stage1 x2 (init_topology, as the CLI does), dp=2, mp=2 (+recompute), and mp=2
+resuming the single-process checkpoint of the driver. 4 ranks: mp=2 x dp=2 (init_topology) and
+mp=2 x sharding=2. Reports per-step losses and grad norms read from train_log.jsonl; the driver
+compares them with its single-process run.
+"""
+import json
+import os
+
+from _util import report
+
+import paddle.distributed as dist  # noqa: E402
+
+from evaclip_paddle.parallel import topology as T  # noqa: E402
+from evaclip_paddle.train.args import TrainingArguments  # noqa: E402
+from evaclip_paddle.train.hooks import default_hooks  # noqa: E402
+from evaclip_paddle.train.loop import run_training  # noqa: E402
+
+TMP = os.environ["EVACLIP_TEST_DIR"]
+GLOBAL_BATCH = 8
+
+
+def make_args(out, data_world, **kw):
+    base = dict(model="EVA02-CLIP-tiny", train_data=os.path.join(TMP, "demo"), output_dir=os.path.join(TMP, out),
+                per_device_train_batch_size=GLOBAL_BATCH // data_world, max_steps=5, optimizer="lamb",
+                learning_rate=5e-4, weight_decay=0.05, visual_ld=0.75, text_ld=0.75, warmup_steps=2,
+                max_grad_norm=1.0, adam_epsilon=1e-6, local_loss=True, gather_with_grad=True, save_steps=3, logging_steps=1,
+                report_to="none", disable_tqdm=True, seed=11)
+    base.update(kw)
+    return TrainingArguments(**base).validate()
+
+
+def log_of(out):
+    rows = [json.loads(line) for line in open(os.path.join(TMP, out, "train_log.jsonl"))]
+    return {"loss": [r["loss"] for r in rows if "loss" in r], "grad_norm": [r["grad_norm"] for r in rows if "loss" in r]}
+
+
+def train(name, topo, **kw):
+    T.set_mp_group(topo.mp_group)       # layers read it when the model is built
+    hooks, seen = default_hooks(topo), {}
+    wrap = hooks.wrap_optimizer
+
+    def keep(opt):
+        seen["opt"] = wrap(opt)
+        return seen["opt"]
+    hooks.wrap_optimizer = keep
+    summary = run_training(make_args(name, topo.data_world, **kw), topology=topo, hooks=hooks)
+    dist.barrier()
+    T.set_mp_group(None)
+    row = dict(case=name, rank=topo.rank, steps=[s for s, _ in summary["losses"]], state_numel=seen["opt"].state_numel())
+    if topo.rank == 0:
+        row.update(log_of(name))
+    report(**row)
+
+
+def main():
+    world = int(os.environ["PADDLE_TRAINERS_NUM"])
+    if world == 2:
+        topo = T.init_topology(1, 2, "stage1")
+        train("sh2", topo)
+        g = topo.sharding_group
+        r = topo.rank
+        train("dp2", T.Topology(world=2, rank=r, dp_degree=2, dp_rank=r, dp_group=g, data_group=g))
+        mp = T.Topology(world=2, rank=r, mp_degree=2, mp_rank=r, mp_group=g)
+        train("mp2", mp, recompute=True)
+        train("mp2_from_mp1", mp, recompute=True, resume_from_checkpoint=os.path.join(TMP, "ref", "checkpoint-3"))
+    else:
+        topo = T.init_topology(2, 1, "")
+        train("mp2dp2", topo, recompute=True)
+        sh = T.Topology(world=4, rank=topo.rank, mp_degree=2, mp_rank=topo.mp_rank, sharding_degree=2,
+                        sharding_rank=topo.dp_rank, sharding_stage="stage1", mp_group=topo.mp_group,
+                        sharding_group=topo.dp_group, data_group=topo.data_group)
+        train("mp2sh2", sh)
+    report(case="done", rank=dist.get_rank())
+
+
+if __name__ == "__main__":
+    main()
