@@ -1,0 +1,317 @@
+"""Static-graph export of the EVA-CLIP encoders for Paddle Inference (`evaclip-export`).
+
+Each tower is traced with paddle.jit.to_static (dynamic batch) and saved with paddle.jit.save as
+`<tower>/model.json` (PIR program) + `<tower>/model.pdiparams`. Beside them: `preprocess.json` (all a
+consumer needs to feed the encoders), the tokenizer vocabulary, the custom-op library when the
+program uses one, and `export.json` (written last: its presence marks a complete export).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import sys
+import warnings
+from typing import Dict, Optional, Sequence
+
+import numpy as np
+import paddle
+
+from .predictor import EXPORT_META, EncoderPredictor
+from .preprocess import build_spec, write_spec
+
+TOWERS = ("image", "text")
+FORMAT_VERSION = 1
+# PIR serialises ops as "<dialect id>.<name>"; dialect 3 is the custom-op dialect.
+_CUSTOM_OP_RE = re.compile(r'"#":"3\.([A-Za-z0-9_]+)"')
+
+
+class _ImageEncoder(paddle.nn.Layer):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image):  # dy2static needs the first argument spelled `self`
+        return self.model.encode_image(image)
+
+
+class _TextEncoder(paddle.nn.Layer):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, text):
+        return self.model.encode_text(text)
+
+
+# ------------------------------------------------------------------------------------------------
+# Trace-time rewrites. Paddle Inference's oneDNN path is slow on two patterns of the dygraph code:
+# a [N, 1, D] table broadcast over [B, N, H, D] (the RoPE multiply falls to a reference kernel, ~30x
+# slower than the same multiply on [B, H, N, D] with [N, D] tables) and silu, which has no oneDNN
+# kernel (so it runs in fp32 between bf16 reorders) while swish, the same function, is fused into the
+# fc before it. The rewrites compute the same values; they apply only while tracing, and the parity
+# check (verify) covers them.
+def _rope_batch_broadcast(orig):
+    """apply_rope with tables broadcast over the batch dim only: the same values.
+
+    The x * cos + (x @ rot) * sin form gets [N, H, D] tables (no reshape of x, which oneDNN copies);
+    any other form runs on [B, H, N, D] with [N, D] tables."""
+    def apply_rope(x, cos, sin, *rest):
+        if cos.ndim != 3:  # per-sample tables (patch dropout): keep the original
+            return orig(x, cos, sin, *rest)
+        n, h, d = x.shape[1], x.shape[2], x.shape[3]
+        if len(rest) == 1 and rest[0].ndim == 2:
+            return x * cos.expand([n, h, d]) + paddle.matmul(x, rest[0]) * sin.expand([n, h, d])
+        xt = x.transpose([0, 2, 1, 3])
+        return orig(xt, cos.squeeze(1), sin.squeeze(1), *rest).transpose([0, 2, 1, 3])
+    return apply_rope
+
+
+def _same_rope(model, new, orig) -> bool:
+    """The rewrite gives the dygraph values on a random input (guards against model-code changes)."""
+    try:
+        v = model.cfg.vision_cfg
+        with paddle.no_grad():
+            tables = model.visual.rope.tables()
+            n = tables[0].shape[0]
+            x = paddle.to_tensor(np.random.RandomState(0).randn(2, n, v.heads, v.head_width).astype("float32"))
+            return bool(np.allclose(new(x, *tables).numpy(), orig(x, *tables).numpy(), atol=1e-5))
+    except Exception as e:  # a changed interface: trace the original code
+        warnings.warn(f"RoPE export rewrite skipped ({type(e).__name__}: {e})")
+        return False
+
+
+class _Rewrites:
+    """Context manager installing the rewrites into the model modules while tracing."""
+
+    def __init__(self, model, tower: str, enabled: bool = True):
+        self.enabled = enabled and tower == "image"  # the text tower has neither pattern
+        self.model, self.applied, self._undo = model, [], []
+
+    def __enter__(self):
+        if not self.enabled:
+            return self
+        import paddle.nn.functional as F
+
+        from ..model import transformer as tmod
+
+        vcfg = self.model.cfg.vision_cfg
+        if vcfg.rope and hasattr(tmod, "apply_rope"):
+            orig = tmod.apply_rope
+            new = _rope_batch_broadcast(orig)
+            if _same_rope(self.model, new, orig):
+                tmod.apply_rope = new
+                self._undo.append(lambda: setattr(tmod, "apply_rope", orig))
+                self.applied.append("rope_batch_broadcast")
+        if vcfg.naiveswiglu and hasattr(F, "swish"):
+            silu, swish = F.silu, F.swish
+
+            def silu_as_swish(x, name=None):  # the same function; oneDNN has swish (and fuses it)
+                return swish(x)
+
+            F.silu = silu_as_swish
+            self._undo.append(lambda: setattr(F, "silu", silu))
+            self.applied.append("silu_as_swish")
+        return self
+
+    def __exit__(self, *exc):
+        for undo in reversed(self._undo):
+            undo()
+        self._undo = []
+        return False
+
+
+def _keep_python_helpers():
+    """Helpers that only pick Python objects run as plain Python while tracing: dy2static cannot
+    convert the try/except import in model.norm._fused_ops (the fused-norm op path)."""
+    from ..model import norm
+    if callable(getattr(norm, "_fused_ops", None)):
+        paddle.jit.not_to_static(norm._fused_ops)  # marks the function object; harmless in dygraph
+
+
+def _input_spec(cfg, tower: str):
+    if tower == "image":
+        s = cfg.vision_cfg.image_size
+        return paddle.static.InputSpec([None, cfg.vision_cfg.in_chans, s, s], "float32", name="image")
+    return paddle.static.InputSpec([None, cfg.text_cfg.context_length], "int64", name="text")
+
+
+def _sample_input(cfg, tower: str, batch: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.RandomState(seed)
+    if tower == "image":
+        s = cfg.vision_cfg.image_size
+        return rng.randn(batch, cfg.vision_cfg.in_chans, s, s).astype(np.float32)
+    ids = np.zeros((batch, cfg.text_cfg.context_length), np.int64)
+    for i in range(batch):  # SOT, a few tokens, EOT (the largest id, which pools the features)
+        n = 3 + i % 5
+        ids[i, 0], ids[i, 1:n + 1], ids[i, n + 1] = 49406, rng.randint(1, 49000, n), 49407
+    return ids
+
+
+def _custom_ops(program_file: str):
+    with open(program_file, "r", encoding="utf-8") as f:
+        return sorted(set(_CUSTOM_OP_RE.findall(f.read())))
+
+
+def _op_library_for_export(explicit: Optional[str]) -> Optional[str]:
+    from .predictor import _package_op_library
+    return explicit or os.environ.get("EVACLIP_OP_LIBRARY") or _package_op_library(load=True)
+
+
+def _write_json(obj, path: str):
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def export_model(model, out_dir: str, towers: Sequence[str] = TOWERS, precision: str = "fp32",
+                 model_name: Optional[str] = None, verify: bool = True, threads: Optional[int] = None,
+                 op_library: Optional[str] = None, verify_tol: float = 1e-4, rewrites: bool = True) -> Dict:
+    """Exports `model` (an EVACLIP in fp32) into out_dir; returns the export metadata.
+
+    precision is the default run precision recorded for predictors (weights stay fp32: oneDNN bf16
+    and GPU mixed precision convert at load time). verify: run each saved program once in Paddle
+    Inference and compare with dygraph (relative max error <= verify_tol, else an error).
+    rewrites: trace with the oneDNN-friendly equivalents of slow patterns (see _Rewrites).
+    """
+    from ..factory import PRECISIONS
+
+    towers = list(dict.fromkeys(towers))
+    bad = [t for t in towers if t not in TOWERS]
+    if bad or not towers:
+        raise ValueError(f"towers must be a non-empty subset of {TOWERS}, got {list(towers)}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got '{precision}'")
+    dtypes = {str(p.dtype) for p in model.parameters()}
+    if dtypes != {"paddle.float32"}:
+        raise ValueError(f"export needs an fp32 model (create_model(..., precision='fp32')), found {sorted(dtypes)}")
+    cfg = model.cfg
+    was_training = model.training
+    model.eval()
+    os.makedirs(out_dir, exist_ok=True)
+    meta_path = os.path.join(out_dir, EXPORT_META)
+    if os.path.exists(meta_path):
+        os.remove(meta_path)  # an interrupted re-export must not look complete
+    meta = {"format": "evaclip_paddle.export", "format_version": FORMAT_VERSION, "model": model_name or cfg.name,
+            "embed_dim": cfg.embed_dim, "precision": precision, "weights_dtype": "float32",
+            "config": cfg.to_dict(), "logit_scale": float(model.logit_scale.numpy()),
+            "paddle_version": paddle.__version__, "towers": {}, "custom_ops": None}
+    wrappers = {"image": _ImageEncoder, "text": _TextEncoder}
+    used_ops = set()
+    _keep_python_helpers()
+    try:
+        for tower in towers:
+            spec = _input_spec(cfg, tower)
+            with _Rewrites(model, tower, rewrites) as rw:
+                static = paddle.jit.to_static(wrappers[tower](model), input_spec=[spec], full_graph=True)
+                prefix = os.path.join(out_dir, tower, "model")
+                paddle.jit.save(static, prefix)
+            meta.setdefault("rewrites", {})[tower] = rw.applied
+            used_ops.update(_custom_ops(prefix + ".json"))
+            meta["towers"][tower] = {
+                "model_file": f"{tower}/model.json", "params_file": f"{tower}/model.pdiparams",
+                "input": {"name": spec.name, "shape": [-1] + list(spec.shape[1:]),
+                          "dtype": str(spec.dtype).split(".")[-1]},
+                "output": {"shape": [-1, cfg.embed_dim], "dtype": "float32", "normalized": False},
+            }
+    finally:
+        model.train(was_training)
+
+    if used_ops:
+        lib = _op_library_for_export(op_library)
+        rel = None
+        if lib and os.path.isfile(lib):  # a copy travels with the export (same paddle version needed)
+            os.makedirs(os.path.join(out_dir, "ops"), exist_ok=True)
+            rel = f"ops/{os.path.basename(lib)}"
+            shutil.copy2(lib, os.path.join(out_dir, rel))
+        else:
+            warnings.warn(f"the exported program uses custom op(s) {sorted(used_ops)} but their library was not "
+                          "found to copy; predictors must load it (op_library= or EVACLIP_OP_LIBRARY)")
+        meta["custom_ops"] = {"names": sorted(used_ops), "library": rel, "provider": "evaclip_paddle.ops.fused_norm"}
+
+    vocab_rel = None
+    if "text" in towers:
+        from ..data.tokenizer import default_bpe_path
+        os.makedirs(os.path.join(out_dir, "tokenizer"), exist_ok=True)
+        vocab_rel = f"tokenizer/{os.path.basename(default_bpe_path())}"
+        shutil.copy2(default_bpe_path(), os.path.join(out_dir, vocab_rel))
+    write_spec(build_spec(cfg, vocab_rel, towers), out_dir)
+
+    if verify:
+        meta["verify"] = _verify(model, cfg, out_dir, meta, threads, op_library, verify_tol)
+    _write_json(meta, meta_path)
+    return meta
+
+
+def _verify(model, cfg, out_dir, meta, threads, op_library, tol):
+    """Runs each saved program in Paddle Inference (fp32, oneDNN) against dygraph on 2 samples."""
+    if meta["custom_ops"]:
+        from .predictor import _find_op_library, register_op_library
+        register_op_library(_find_op_library(meta["custom_ops"], out_dir, op_library))
+    report = {}
+    was_training = model.training
+    model.eval()
+    try:
+        for tower, t in meta["towers"].items():
+            report[tower] = _verify_tower(model, cfg, out_dir, tower, t, threads, tol)
+    finally:
+        model.train(was_training)
+    return report
+
+
+def _verify_tower(model, cfg, out_dir, tower, t, threads, tol):
+    x = _sample_input(cfg, tower, 2)
+    pred = EncoderPredictor(os.path.join(out_dir, t["model_file"]), os.path.join(out_dir, t["params_file"]),
+                            threads=threads, input_dtype=t["input"]["dtype"])
+    got = pred(x)
+    with paddle.no_grad():
+        ref = (model.encode_image if tower == "image" else model.encode_text)(paddle.to_tensor(x)).numpy()
+    err = float(np.abs(got - ref).max() / max(float(np.abs(ref).max()), 1e-12))
+    if not err <= tol:
+        raise RuntimeError(f"{os.path.join(out_dir, t['model_file'])}: Paddle Inference output differs from "
+                           f"dygraph by {err:.2e} (relative) > {tol:.0e}")
+    return {"batch": 2, "max_rel_err": err}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="evaclip-export", description="Export EVA-CLIP encoders to Paddle Inference.")
+    p.add_argument("--model", required=True, help="model name (evaclip-list) or a config .json")
+    p.add_argument("--pretrained", default=None, help="weights folder/file; omitted: random weights (with a warning)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--tower", choices=["image", "text", "both"], default="both")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="default run precision recorded for predictors (weights are stored fp32)")
+    p.add_argument("--fused-ln", choices=["off", "on", "config"], default="off",
+                   help="norm kernels in the exported program: native (off, the default: Paddle Inference "
+                        "has its own fused oneDNN/GPU layer_norm, and the custom op makes oneDNN bf16 insert "
+                        "reorders), the fused-norm custom op (on), or as the model config says")
+    p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the inference-vs-dygraph check")
+    p.add_argument("--no-rewrites", dest="rewrites", action="store_false",
+                   help="trace the dygraph code as is (no oneDNN-friendly op rewrites)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for the verification run")
+    p.add_argument("--seed", type=int, default=0, help="seed for random weights (no --pretrained)")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from ..factory import create_model
+
+    if not args.pretrained:
+        warnings.warn("no --pretrained given: exporting randomly initialised weights")
+    fused = {"off": False, "on": True, "config": None}[args.fused_ln]
+    model = create_model(args.model, pretrained=args.pretrained, fused_ln=fused, seed=args.seed)
+    towers = TOWERS if args.tower == "both" else (args.tower,)
+    meta = export_model(model, args.out, towers=towers, precision=args.precision, model_name=args.model,
+                        verify=args.verify, threads=args.threads, rewrites=args.rewrites)
+    summary = {t: meta["towers"][t]["model_file"] for t in meta["towers"]}
+    print(json.dumps({"out": args.out, "towers": summary, "custom_ops": meta["custom_ops"],
+                      "verify": meta.get("verify")}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
