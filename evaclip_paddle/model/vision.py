@@ -91,7 +91,7 @@ class EVAVisionTransformer(nn.Layer):
             x = paddle.take_along_axis(x, keep.unsqueeze(-1).expand([-1, -1, x.shape[-1]]), axis=1,
                                        broadcast=False)
         x = paddle.concat([cls, x], axis=1)
-        rope = self.rope.tables(keep, x.dtype) if self.rope is not None else None
+        rope = self.rope.tables(keep, x.dtype, self.blocks[0].attn.heads_local) if self.rope is not None else None
         x = run_blocks(self.blocks, x, rope, self.grad_checkpointing and self.training)
         x = self.norm(x)[:, 0]
         return self.head(x)
