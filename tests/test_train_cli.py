@@ -56,3 +56,11 @@ def test_errors_exit_2_and_name_the_flag(argv, needle, demo_dir, tmp_path, capsy
     code = main(argv + ["--model", "EVA02-CLIP-tiny", "--train_data", demo_dir, "--output_dir", str(tmp_path),
                         "--report_to", "none"])
     assert code == 2 and needle in capsys.readouterr().err
+
+
+def test_eval_only_mode(demo_dir, tmp_path, capsys):
+    code = main(["--model", "EVA02-CLIP-tiny", "--do_eval", "--classification_eval", os.path.join(demo_dir, "eval"),
+                 "--output_dir", str(tmp_path), "--disable_tqdm", "True"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert json.loads(out[out.index("{"):])["eval"]["num_classes"] >= 20

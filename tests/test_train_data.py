@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from evaclip_paddle.data.coco import StridedBatchSampler
-from evaclip_paddle.data.demo import COLOURS, SHAPES, generate, split_combinations
+from evaclip_paddle.data.demo import ALL_COLOURS, COLOURS, SHAPES, generate, split_combinations
 from evaclip_paddle.data.laion import LaionStream
 from evaclip_paddle.data.loader import TrainData
 from evaclip_paddle.data.tokenizer import CLIPTokenizer
@@ -124,7 +124,8 @@ def test_demo_set_is_deterministic_and_holds_out_combinations(tmp_path):
         assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes(), rel
     train, held = split_combinations()
     assert len(held) >= 20 and not set(train) & set(held)
-    assert {c for c, _ in train} == set(COLOURS) and {s for _, s in train} == set(SHAPES)
+    assert {c for c, _ in train} == set(ALL_COLOURS) and {s for _, s in train} == set(SHAPES)
+    assert {c for c, _ in held} == set(COLOURS)         # evaluated colours are all seen with other shapes
     captions = [e["caption"] for e in json.load(open(tmp_path / "a" / "train.json"))]
     for c, s in held:                      # no training caption names a held-out combination
         assert not any(c in cap.split() and s in cap.replace(",", " ").replace(".", " ").split() for cap in captions)

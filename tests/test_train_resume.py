@@ -11,7 +11,7 @@ from evaclip_paddle.data.demo import generate
 from evaclip_paddle.loss import ClipLoss
 from evaclip_paddle.train import checkpoint as ckpt
 from evaclip_paddle.train.args import TrainingArguments
-from evaclip_paddle.train.loop import NonFiniteError, run_training
+from evaclip_paddle.train.loop import LossScaler, NonFiniteError, load_initial_weights, run_training
 
 
 @pytest.fixture(scope="module")
@@ -66,10 +66,29 @@ def test_kill_and_resume_gives_the_same_losses(demo_dir, tmp_path):
 
 
 def test_existing_checkpoints_need_resume_or_overwrite(demo_dir, tmp_path):
-    run_training(_args(demo_dir, tmp_path, max_steps=2))
+    run_training(_args(demo_dir, tmp_path, max_steps=2, recompute=True))      # recompute: same loop, less memory
     from evaclip_paddle.train.args import ArgsError
     with pytest.raises(ArgsError, match="--resume_from_checkpoint latest"):
         run_training(_args(demo_dir, tmp_path, max_steps=2))
+    # --pretrained DIR with --skip_list: the listed prefixes keep their fresh initialisation
+    trained = ec.create_model(pretrained=str(tmp_path))
+    fresh = ec.create_model("EVA02-CLIP-tiny", seed=123)
+    info = load_initial_weights(fresh, str(tmp_path), skip_list="text.,logit_scale")
+    assert info["loaded"] > 0 and info["skipped_by_skip_list"] > 0
+    np.testing.assert_array_equal(fresh.visual.head.weight.numpy(), trained.visual.head.weight.numpy())
+    assert not np.array_equal(fresh.text.text_projection.numpy(), trained.text.text_projection.numpy())
+
+
+def test_fp16_loss_scaler_halves_on_overflow_and_grows_back():
+    s = LossScaler(enabled=True, init_scale=1024.0, growth_interval=2)
+    s.update(found_nonfinite=True)
+    assert s.scale == 512.0
+    s.update(False)
+    s.update(False)
+    assert s.scale == 1024.0
+    s2 = LossScaler(enabled=True)
+    s2.set_state_dict(s.state_dict())
+    assert s2.state_dict() == s.state_dict()
 
 
 def test_consecutive_nonfinite_steps_abort_with_a_checkpoint(demo_dir, tmp_path):

@@ -1,9 +1,12 @@
 """A generated image-text set for demos and tests: coloured shapes on noisy backgrounds.
 
-Classes are colour x shape combinations ("red circle"). Half of the combinations are held out: the
-training captions and images never show them, but every colour and every shape appears in training
-with other partners, so zero-shot accuracy on the held-out combinations measures compositional
-generalisation of both towers. Everything is a pure function of the seed.
+Classes are colour x shape combinations ("red circle"). Of the 10 evaluated colours x 5 shapes, 20
+combinations are held out (two per colour): training captions and images never show them, but every
+colour and every shape appears in training with other partners (plus 6 extra colours shown with every
+shape, which makes shape features colour-invariant), so zero-shot accuracy on the held-out
+combinations measures compositional generalisation of both towers. Images are drawn with PIL at a
+random position, size and slight rotation on a noisy background. Everything is a pure function of
+the seed.
 
 Layout written under `out_dir`:
   train.json                 COCO-Karpathy list of {caption, image, image_id}
@@ -31,6 +34,13 @@ COLOURS: Dict[str, Tuple[int, int, int]] = {
     "green": (30, 150, 50), "cyan": (40, 215, 225), "blue": (40, 75, 230), "purple": (140, 50, 200),
     "pink": (250, 120, 190), "white": (240, 240, 240),
 }
+# Colours that appear in training with every shape and are never evaluated: more colours per shape
+# make the image tower's shape features colour-invariant, which is what transfers to held-out pairs.
+EXTRA_COLOURS: Dict[str, Tuple[int, int, int]] = {
+    "gray": (150, 150, 150), "brown": (150, 90, 40), "teal": (20, 140, 130), "magenta": (235, 40, 235),
+    "gold": (215, 175, 45), "maroon": (135, 25, 45),
+}
+ALL_COLOURS = {**COLOURS, **EXTRA_COLOURS}
 SHAPES = ("circle", "square", "triangle", "star", "cross")
 
 TRAIN_TEMPLATES = (
@@ -39,7 +49,7 @@ TRAIN_TEMPLATES = (
     "a drawing of a {c} {s}.", "{c} {s}", "the {s} is {c}.", "an image of a {c} {s}.",
 )
 EVAL_TEMPLATES = ("a photo of a {c}.", "a {c}.", "a picture of a {c}.", "a drawing of a {c}.")
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 
 def split_combinations(colours: Sequence[str] = tuple(COLOURS), shapes: Sequence[str] = SHAPES,
@@ -54,6 +64,7 @@ def split_combinations(colours: Sequence[str] = tuple(COLOURS), shapes: Sequence
         band = {(i + k) % len(shapes) for k in range(heldout_per_colour)}
         for j, s in enumerate(shapes):
             (held if j in band else train).append((c, s))
+    train += [(c, s) for c in EXTRA_COLOURS if c not in colours for s in shapes]
     for s in shapes:
         if not any(ts == s for _, ts in train):
             raise ValueError(f"shape '{s}' has no training colour; use fewer held-out combinations")
@@ -91,7 +102,7 @@ def render(colour: str, shape: str, size: int, rng: np.random.RandomState) -> Im
     r = rng.uniform(0.22, 0.34) * size
     margin = r * 1.3
     cx, cy = rng.uniform(margin, size - margin), rng.uniform(margin, size - margin)
-    fill = tuple(int(np.clip(v + rng.uniform(-18, 18), 0, 255)) for v in COLOURS[colour])
+    fill = tuple(int(np.clip(v + rng.uniform(-18, 18), 0, 255)) for v in ALL_COLOURS[colour])
     angle = rng.uniform(-0.2, 0.2)
     if shape == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
@@ -173,8 +184,9 @@ def generate(out_dir: str, image_size: int = 32, per_combo: int = 200, eval_per_
     _write_atomic(os.path.join(out_dir, "laion", "filelist.txt"), ("\n".join(parts) + "\n").encode("utf-8"))
     _eval_set(out_dir, "eval", held, eval_per_class, image_size, rng)
     if seen_eval_per_class:
-        _eval_set(out_dir, "eval_seen", train, seen_eval_per_class, image_size, rng)
-    manifest = {"params": params, "colours": list(COLOURS), "shapes": list(SHAPES),
+        _eval_set(out_dir, "eval_seen", [(c, s) for c, s in train if c in COLOURS], seen_eval_per_class,
+                  image_size, rng)
+    manifest = {"params": params, "colours": list(COLOURS), "extra_colours": list(EXTRA_COLOURS), "shapes": list(SHAPES),
                 "train_combinations": [f"{c} {s}" for c, s in train],
                 "heldout_combinations": [f"{c} {s}" for c, s in held],
                 "num_train": len(entries), "num_eval": len(held) * eval_per_class,

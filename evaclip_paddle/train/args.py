@@ -26,7 +26,9 @@ class TrainingArguments:
     model: str = "EVA02-CLIP-B-16"
     pretrained: Optional[str] = None          # converted weights dir; PaddleMIX's "True" = load from --model dir
     skip_list: str = ""                       # comma-separated key prefixes not loaded from --pretrained
-    pretrained_text_model: str = ""           # model whose text tower builds the zero-shot classifier
+    # PaddleMIX names its cached zero-shot classifier after this; here the classifier is rebuilt from the
+    # trained text tower at every eval (a cached one would be stale), so the value is only recorded.
+    pretrained_text_model: str = ""
     context_length: Optional[int] = None      # must match the model's text context when given
     force_patch_dropout: Optional[float] = None
     recompute: bool = False
