@@ -25,6 +25,7 @@ class FakeGroup:
     (4, 1, 1, "", (4, 1, 1, "")),
     (4, -1, 1, "", (4, 1, 1, "")),                  # PaddleNLP's default -1 means no TP
     (2, 2, 1, "stage1", (1, 2, 1, "")),             # nothing left to shard over
+    (4, 1, 2, "stage2", (2, 1, 2, "stage2")),
     (4, 2, 2, "stage2 offload", None),
 ])
 def test_resolve_degrees(world, mp, sd, stage, want):

@@ -1,11 +1,18 @@
-"""ZeRO-1 for the training loop's GroupOptimizer, on plain collectives (same code on gloo and NCCL).
+"""ZeRO stage 1 and 2 for the training loop's GroupOptimizer, on plain collectives (same code on gloo
+and NCCL, so CPU CI runs exactly what GPU users run).
 
 Every parameter has one owner in the sharding group; only the owner keeps its optimizer state and
-updates it, then the owners broadcast the new values. Gradients arrive already averaged over the
-data ranks (the loop's sync_grads all-reduces them over dp x sharding), so every rank can compute
-the true global grad norm itself and clip identically. Paddle's own stage-1 optimizer is not used:
-it rejects parameter groups (per-group LR / weight decay / layer decay) and reduces each gradient to
-its owner only.
+updates it, then the owners broadcast the new values.
+- stage 1: gradients arrive already averaged over the data ranks (the loop's sync_grads all-reduces
+  them over dp x sharding), so every rank computes the true global grad norm itself.
+- stage 2 (`reduce_grads`): each gradient is summed onto its owner only (a reduce per owner bucket,
+  i.e. a reduce-scatter, half the traffic of an all-reduce), then averaged over the dp replicas of
+  that owner; the other ranks free it. The global norm is the sum of the owners' partial squares.
+  Gradients are reduced after backward, not bucket by bucket during it, so the peak during backward
+  still holds every local gradient; the optimizer step and everything after run on 1/S of them.
+Paddle's own sharding is not used: its stage-1 optimizer rejects parameter groups (per-group LR /
+weight decay / layer decay), and its stage 2 (group_sharded_parallel) needs a paddle.optimizer and
+has no CPU support in Paddle 3.3.1.
 
 state_dict() / set_state_dict() speak full tensors keyed by parameter name (tensor-parallel shards
 merged, sharded state gathered), so checkpoints do not depend on the layout; the merged state is
@@ -24,6 +31,7 @@ from .topology import Topology
 
 
 SPLIT = -1    # owner value of a parameter whose rows are split over the whole sharding group
+_BUCKET_NUMEL = 1 << 25   # stage-2 reduce buffers: at most 32M fp32 elements (128 MiB) each
 
 
 def assign_owners(named_params, n: int) -> Dict[str, int]:
@@ -42,6 +50,15 @@ def assign_owners(named_params, n: int) -> Dict[str, int]:
         owner[name] = k
         load[k] += size
     return owner
+
+
+def _piece(p, a, b):
+    return p.grad if a is None else p.grad[a:b]
+
+
+def _numel(piece) -> int:
+    p, a, b = piece
+    return int(np.prod(p.shape)) if a is None else (b - a) * int(np.prod(p.shape[1:]))
 
 
 class ShardedOptimizer:
@@ -67,6 +84,7 @@ class ShardedOptimizer:
                 q = paddle.create_parameter([rows] + list(p.shape[1:]), "float32")
                 q.is_distributed = True          # routes LAMB's norms through _sum_shards
                 self.proxies[name] = (p, q, self.me * rows, (self.me + 1) * rows)
+        self._proxy_of = {id(p): q for p, q, _, _ in self.proxies.values()}
         if self.proxies:   # new group dicts: the loop keeps using the original lists for its gradients
             inner.param_groups = [dict(g, params=[self.proxies[n][1] if n in self.proxies else q
                                                   for n, q in zip(g["param_names"], g["params"])])
@@ -100,6 +118,91 @@ class ShardedOptimizer:
     def state_numel(self) -> int:
         """Optimizer-state elements held by this rank (measures the ZeRO saving)."""
         return sum(int(np.prod(t.shape)) for s in self.inner.state.values() for t in s.values())
+
+    def grad_numel(self) -> int:
+        """Gradient elements this rank holds (stage 2 keeps a row-split tensor's rows on its proxy)."""
+        held = [p for _, p in self.named] + [q for _, q, _, _ in self.proxies.values()]
+        return sum(int(np.prod(p.grad.shape)) for p in held if p.grad is not None)
+
+    def grad_params(self, params) -> List:
+        """The parameters whose gradients the loop clips: under stage 2 the proxies hold the rows."""
+        return list(params) + [q for _, q, _, _ in self.proxies.values()]
+
+    # ---- stage 2 -------------------------------------------------------------------------------
+    def _owner_pieces(self, k: int) -> List[tuple]:
+        """(parameter, first row, last row) of the gradient pieces owner k receives (rows None: all)."""
+        out = []
+        for name, p in self.named:
+            if p.grad is None:
+                continue
+            if self.owner[name] == k:
+                out.append((p, None, None))
+            elif name in self.proxies:
+                rows = p.shape[0] // self.topo.sharding_degree
+                out.append((p, k * rows, (k + 1) * rows))
+        return out
+
+    @paddle.no_grad()
+    def reduce_grads(self) -> None:
+        """Stage 2: the data-parallel average of each gradient, on its owner only (others freed).
+        Every rank must hold gradients for the same parameters (true for a CLIP step)."""
+        topo = self.topo
+        scale = 1.0 / topo.data_world
+        for k, src in enumerate(self._src):
+            pieces = self._owner_pieces(k)
+            start = 0
+            while start < len(pieces):      # bounded buffers: a few large messages, bounded extra memory
+                end, numel = start, 0
+                while end < len(pieces) and (end == start or numel + _numel(pieces[end]) <= _BUCKET_NUMEL):
+                    numel += _numel(pieces[end])
+                    end += 1
+                chunk = pieces[start:end]
+                start = end
+                flat = paddle.concat([_piece(p, a, b).astype("float32").reshape([-1]) for p, a, b in chunk])
+                dist.reduce(flat, dst=src, group=topo.sharding_group)
+                if k != self.me:
+                    continue
+                if topo.dp_degree > 1:
+                    dist.all_reduce(flat, group=topo.dp_group)
+                flat.scale_(scale)
+                off = 0
+                for p, a, b in chunk:
+                    piece = _piece(p, a, b)
+                    size = int(np.prod(piece.shape))
+                    val = flat[off:off + size].reshape(piece.shape).astype(p.grad.dtype)
+                    if a is None:
+                        p.grad.copy_(val, False)
+                    else:
+                        self._proxy_of[id(p)]._set_grad_ivar(val.clone())
+                    off += size
+        for name, p in self.named:
+            if self.owner[name] != self.me:
+                p.clear_gradient(False)     # frees it: from here on this rank holds 1/S of the gradients
+
+    def grad_norm_sq(self) -> paddle.Tensor:
+        """Stage 2: squared global gradient norm from the owners' pieces, equal on every rank."""
+        topo = self.topo
+        dist_sq = paddle.zeros([], dtype="float32")
+        rep_sq = paddle.zeros([], dtype="float32")
+        for name, p in self.named:
+            if self.owner[name] not in (self.me, SPLIT):
+                continue
+            g = p.grad
+            if name in self.proxies:      # (stage 2 freed the full tensor; its rows are on the proxy)
+                g = self.proxies[name][1].grad
+            if g is None:
+                continue
+            sq = g.astype("float32").square().sum()
+            if topo.mp_degree > 1 and getattr(p, "is_distributed", False):
+                dist_sq = dist_sq + sq
+            else:
+                rep_sq = rep_sq + sq
+        with paddle.no_grad():
+            if topo.mp_degree > 1:
+                dist.all_reduce(dist_sq, group=topo.mp_group)
+            total = dist_sq + rep_sq
+            dist.all_reduce(total, group=topo.sharding_group)
+        return total
 
     @paddle.no_grad()
     def step(self) -> None:

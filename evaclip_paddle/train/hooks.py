@@ -4,7 +4,8 @@ The loop calls these and nothing else for anything that depends on the layout; t
 defaults do nothing. `default_hooks(topo)` gives plain data parallelism on top of
 parallel.topology (gradients averaged over the data group); tensor parallelism needs nothing more
 here (the layers communicate themselves, and grad norms count sharded tensors once per mp group);
-ZeRO-1 sharding plugs in through `wrap_optimizer` (parallel.zero.ShardedOptimizer).
+ZeRO sharding plugs in through `wrap_optimizer` (parallel.zero.ShardedOptimizer); stage 2 also
+replaces the gradient all-reduce and the norm with the owner-only reduce of that optimizer.
 """
 from __future__ import annotations
 
@@ -41,6 +42,8 @@ class ParallelHooks:
     sync_grads: Optional[Callable[[List], None]] = None
     # params -> 0-d fp32 tensor: global L2 norm of gradients (None: optim.global_grad_norm)
     grad_norm: Optional[Callable[[List], paddle.Tensor]] = None
+    # params -> the tensors whose gradients the clip scales (stage 2 adds its row-split proxies)
+    grad_params: Callable[[List], List] = _identity
     # model -> full numpy state dict (on rank 0 at least) for checkpoints
     full_state_dict: Callable = _local_state
     # (model, numpy state dict) -> None: load full tensors (slicing shards under TP)
@@ -61,11 +64,6 @@ def default_hooks(topo) -> ParallelHooks:
     from ..parallel import state as pstate
 
     from ..parallel.zero import ShardedOptimizer
-
-    if topo.sharding_stage == "stage2":
-        raise NotImplementedError(
-            "--sharding stage2: not wired into this training loop (its optimizers are not paddle.optimizer "
-            "instances, which Paddle's group_sharded_parallel needs); use --sharding stage1")
 
     def sync_grads(params):
         """Averages gradients over the data ranks, coalesced into a few flat buffers."""
@@ -97,11 +95,26 @@ def default_hooks(topo) -> ParallelHooks:
         dist.all_reduce(t)
         return int(t.numpy()[0]) > 0
 
+    grad_norm = lambda params: pstate.global_grad_norm_sq(params, topo).sqrt()  # noqa: E731
+    sharded: dict = {}
+
+    def wrap_optimizer(opt):
+        sharded["opt"] = ShardedOptimizer(opt, topo)
+        return sharded["opt"]
+
+    if topo.sharding_stage == "stage2" and topo.sharding_degree > 1:
+        sync_grads = lambda params: sharded["opt"].reduce_grads()              # noqa: E731
+        grad_norm = lambda params: sharded["opt"].grad_norm_sq().sqrt()        # noqa: E731
+        grad_params = lambda params: sharded["opt"].grad_params(params)        # noqa: E731
+    else:
+        grad_params = _identity
+
     return ParallelHooks(
-        wrap_optimizer=lambda opt: ShardedOptimizer(opt, topo),
+        wrap_optimizer=wrap_optimizer,
         sync_grads=sync_grads,
         loss_value=loss_value,
-        grad_norm=lambda params: pstate.global_grad_norm_sq(params, topo).sqrt(),
+        grad_norm=grad_norm,
+        grad_params=grad_params,
         full_state_dict=lambda model: pstate.full_state_dict(model, topo),
         load_state_dict=lambda model, sd: pstate.load_full_state_dict(model, sd, topo, strict=False),
         any_rank=any_rank,

@@ -354,7 +354,7 @@ def run_training(args: TrainingArguments, topology=None, hooks: Optional[Paralle
                 loss_value, norm_value = hooks.loss_value(loss), float(norm)
                 finite = not hooks.any_rank(not (math.isfinite(loss_value) and math.isfinite(norm_value)))
             if finite:
-                clip_grads_(params, args.max_grad_norm, norm)
+                clip_grads_(hooks.grad_params(params), args.max_grad_norm, norm)
                 schedule.apply(optimizer, step)
                 optimizer.step()
                 clamp_logit_scale_(model)

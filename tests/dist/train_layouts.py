@@ -1,10 +1,11 @@
 """Worker: the training loop (run_training) under several parallel layouts in one launch.
 
-2 ranks: sharding stage1 x2 (init_topology, as the CLI does), dp=2, mp=2 (+recompute), and mp=2
-resuming the single-process checkpoint of the driver. 4 ranks: mp=2 x dp=2 (init_topology) and
-mp=2 x sharding=2. Reports per-step losses and grad norms read from train_log.jsonl; the driver
+2 ranks: sharding stage1 x2 and stage2 x2 (init_topology, as the CLI does), dp=2, mp=2 (+recompute),
+and mp=2 resuming the single-process checkpoint of the driver. 4 ranks: mp=2 x dp=2 (init_topology),
+mp=2 x sharding=2 (stage1 and stage2) and dp=2 x sharding=2 stage2. Reports per-step losses and grad norms read from train_log.jsonl; the driver
 compares them with its single-process run.
 """
+import dataclasses
 import json
 import os
 
@@ -18,6 +19,7 @@ from evaclip_paddle.train.hooks import default_hooks  # noqa: E402
 from evaclip_paddle.train.loop import run_training  # noqa: E402
 
 TMP = os.environ["EVACLIP_TEST_DIR"]
+ONLY = [c for c in os.environ.get("EVACLIP_LAYOUTS", "").split(",") if c]   # empty: every case
 GLOBAL_BATCH = 8
 
 
@@ -37,18 +39,25 @@ def log_of(out):
 
 
 def train(name, topo, **kw):
+    if ONLY and name not in ONLY:
+        return
     T.set_mp_group(topo.mp_group)       # layers read it when the model is built
     hooks, seen = default_hooks(topo), {}
-    wrap = hooks.wrap_optimizer
+    wrap, sync = hooks.wrap_optimizer, hooks.sync_grads
 
     def keep(opt):
         seen["opt"] = wrap(opt)
         return seen["opt"]
-    hooks.wrap_optimizer = keep
+
+    def sync_and_count(params):         # gradients this rank holds once they are reduced
+        sync(params)
+        seen.setdefault("grads", seen["opt"].grad_numel())
+    hooks.wrap_optimizer, hooks.sync_grads = keep, sync_and_count
     summary = run_training(make_args(name, topo.data_world, **kw), topology=topo, hooks=hooks)
     dist.barrier()
     T.set_mp_group(None)
-    row = dict(case=name, rank=topo.rank, steps=[s for s, _ in summary["losses"]], state_numel=seen["opt"].state_numel())
+    row = dict(case=name, rank=topo.rank, steps=[s for s, _ in summary["losses"]], state_numel=seen["opt"].state_numel(),
+               grad_numel=seen["grads"])
     if topo.rank == 0:
         row.update(log_of(name))
     report(**row)
@@ -59,6 +68,7 @@ def main():
     if world == 2:
         topo = T.init_topology(1, 2, "stage1")
         train("sh2", topo)
+        train("sh2_stage2", dataclasses.replace(topo, sharding_stage="stage2"))
         g = topo.sharding_group
         r = topo.rank
         train("dp2", T.Topology(world=2, rank=r, dp_degree=2, dp_rank=r, dp_group=g, data_group=g))
@@ -72,6 +82,12 @@ def main():
                         sharding_rank=topo.dp_rank, sharding_stage="stage1", mp_group=topo.mp_group,
                         sharding_group=topo.dp_group, data_group=topo.data_group)
         train("mp2sh2", sh)
+        train("mp2sh2_stage2", dataclasses.replace(sh, sharding_stage="stage2"))
+        # mp=1: sharding pairs {0,1} {2,3} (the mp groups above), dp pairs {0,2} {1,3}, data over all 4
+        train("dp2sh2_stage2", T.Topology(world=4, rank=topo.rank, dp_degree=2, dp_rank=topo.rank // 2,
+                                          dp_group=topo.dp_group, sharding_degree=2, sharding_rank=topo.rank % 2,
+                                          sharding_stage="stage2", sharding_group=topo.mp_group,
+                                          data_group=dist.collective._get_default_group()))
     report(case="done", rank=dist.get_rank())
 
 
