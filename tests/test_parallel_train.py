@@ -76,8 +76,15 @@ def test_two_ranks_dp_mp_sharding_and_layout_change(ref):
     all_grads = dp[0]["grad_numel"]
     assert all(r["grad_numel"] == all_grads for r in sh), sh
     held = [r["grad_numel"] for r in sh_s2]
-    print(f"stage2 x2: gradient elements held per rank {held} of {all_grads}")
+    peak = [r["peak_grad_numel"] for r in sh_s2]
+    print(f"stage2 x2: gradient elements held per rank {held} of {all_grads}; most held during backward {peak}")
     assert sum(held) == all_grads and all(0.4 <= n / all_grads <= 0.6 for n in held), (held, all_grads)
+    # reduced bucket by bucket during backward: apart from the token embedding (93% of this tiny
+    # model, its gradient arrives last, whole) no rank ever held more than ~half of the rest at once
+    emb = sh_s2[0]["largest"]
+    rest = [(n - emb) / (all_grads - emb) for n in peak]
+    print(f"stage2 x2: most held during backward besides the embedding: {[round(x, 3) for x in rest]} of the rest")
+    assert all(x <= 0.75 for x in rest), (peak, emb, all_grads)    # all at once: 1.0
     # and back: the mp=2 run's (merged) checkpoint resumes in one process
     resumed = run_training(TrainingArguments(train_data=str(tmp / "demo"), output_dir=str(tmp / "mp1_from_mp2"),
                                              resume_from_checkpoint=str(tmp / "mp2" / "checkpoint-3"), **ARGS).validate(),

@@ -5,11 +5,10 @@ Every parameter has one owner in the sharding group; only the owner keeps its op
 updates it, then the owners broadcast the new values.
 - stage 1: gradients arrive already averaged over the data ranks (the loop's sync_grads all-reduces
   them over dp x sharding), so every rank computes the true global grad norm itself.
-- stage 2 (`reduce_grads`): each gradient is summed onto its owner only (a reduce per owner bucket,
-  i.e. a reduce-scatter, half the traffic of an all-reduce), then averaged over the dp replicas of
-  that owner; the other ranks free it. The global norm is the sum of the owners' partial squares.
-  Gradients are reduced after backward, not bucket by bucket during it, so the peak during backward
-  still holds every local gradient; the optimizer step and everything after run on 1/S of them.
+- stage 2 (`enable_stage2`): while backward runs, each bucket of gradients is summed onto the
+  owners only (one reduce per owner present, i.e. a reduce-scatter: half the traffic of an
+  all-reduce), averaged over the dp replicas of that owner, and freed on the other ranks. The global
+  norm is the sum of the owners' partial squares.
 Paddle's own sharding is not used: its stage-1 optimizer rejects parameter groups (per-group LR /
 weight decay / layer decay), and its stage 2 (group_sharded_parallel) needs a paddle.optimizer and
 has no CPU support in Paddle 3.3.1.
@@ -31,7 +30,7 @@ from .topology import Topology
 
 
 SPLIT = -1    # owner value of a parameter whose rows are split over the whole sharding group
-_BUCKET_NUMEL = 1 << 25   # stage-2 reduce buffers: at most 32M fp32 elements (128 MiB) each
+_OVERLAP_BUCKET_NUMEL = 1 << 23   # stage-2 buckets: about 8M elements (32 MiB fp32) each
 
 
 def assign_owners(named_params, n: int) -> Dict[str, int]:
@@ -56,11 +55,6 @@ def _piece(p, a, b):
     return p.grad if a is None else p.grad[a:b]
 
 
-def _numel(piece) -> int:
-    p, a, b = piece
-    return int(np.prod(p.shape)) if a is None else (b - a) * int(np.prod(p.shape[1:]))
-
-
 class ShardedOptimizer:
     """Wraps a train.optim.GroupOptimizer for a multi-rank layout (sharding degree may be 1: then it
     only merges tensor-parallel state for checkpoints).
@@ -73,6 +67,7 @@ class ShardedOptimizer:
     def __init__(self, inner, topo: Topology):
         self.inner, self.topo = inner, topo
         self.named = list(inner.named_parameters())
+        self._params = dict(self.named)
         sd = topo.sharding_degree
         self.me = int(topo.sharding_group.rank) if sd > 1 else 0
         self.owner = assign_owners(self.named, sd) if sd > 1 else {n: 0 for n, _ in self.named}
@@ -129,55 +124,94 @@ class ShardedOptimizer:
         return list(params) + [q for _, q, _, _ in self.proxies.values()]
 
     # ---- stage 2 -------------------------------------------------------------------------------
-    def _owner_pieces(self, k: int) -> List[tuple]:
-        """(parameter, first row, last row) of the gradient pieces owner k receives (rows None: all)."""
-        out = []
+    def enable_stage2(self) -> None:
+        """Reduces gradients bucket by bucket while backward runs: a hook on every parameter marks
+        its gradient final; when a bucket's last one arrives, the bucket is reduced onto the owners
+        and the other ranks' copies are freed, so backward never holds much more than 1/S of the
+        gradients plus one bucket. Buckets follow reverse registration order (about backward order);
+        every rank runs the same graph, so they complete, and communicate, in the same order."""
+        order = [name for name, _ in reversed(self.named)]
+        sizes = {name: int(np.prod(p.shape)) for name, p in self.named}
+        self._buckets: List[List[str]] = [[]]
+        numel = 0
+        for name in order:
+            if self._buckets[-1] and numel + sizes[name] > _OVERLAP_BUCKET_NUMEL:
+                self._buckets.append([])
+                numel = 0
+            self._buckets[-1].append(name)
+            numel += sizes[name]
+        self._bucket_of = {name: b for b, names in enumerate(self._buckets) for name in names}
+        self._pending = [len(names) for names in self._buckets]
+        self._done = [False] * len(self._buckets)
+        # gradient elements held so far this step, and the most held at once (measures the saving)
+        self._held, self.peak_grad_numel = 0, 0
         for name, p in self.named:
-            if p.grad is None:
-                continue
-            if self.owner[name] == k:
-                out.append((p, None, None))
-            elif name in self.proxies:
-                rows = p.shape[0] // self.topo.sharding_degree
-                out.append((p, k * rows, (k + 1) * rows))
-        return out
+            p._register_backward_hook(self._make_hook(name))
+
+    def _make_hook(self, name: str):
+        size = int(np.prod(self._params[name].shape))
+
+        def hook():
+            self._held += size
+            self.peak_grad_numel = max(self.peak_grad_numel, self._held)
+            b = self._bucket_of[name]
+            self._pending[b] -= 1
+            if self._pending[b] == 0:
+                self._reduce_bucket(b)
+        return hook
 
     @paddle.no_grad()
     def reduce_grads(self) -> None:
-        """Stage 2: the data-parallel average of each gradient, on its owner only (others freed).
-        Every rank must hold gradients for the same parameters (true for a CLIP step)."""
+        """Stage 2, after backward: reduces the buckets backward did not complete (in bucket order,
+        the same on every rank), then re-arms the buckets for the next step. Every rank must hold
+        gradients for the same parameters (true for a CLIP step)."""
+        for b in range(len(self._buckets)):
+            if not self._done[b]:
+                self._reduce_bucket(b)
+        self._pending = [len(names) for names in self._buckets]
+        self._done = [False] * len(self._buckets)
+        self._held = 0
+
+    @paddle.no_grad()
+    def _reduce_bucket(self, b: int) -> None:
+        """The data-parallel average of the bucket's gradients, on their owners only; freed elsewhere."""
         topo = self.topo
-        scale = 1.0 / topo.data_world
+        self._done[b] = True
+        names = [n for n in self._buckets[b] if self._params[n].grad is not None]
         for k, src in enumerate(self._src):
-            pieces = self._owner_pieces(k)
-            start = 0
-            while start < len(pieces):      # bounded buffers: a few large messages, bounded extra memory
-                end, numel = start, 0
-                while end < len(pieces) and (end == start or numel + _numel(pieces[end]) <= _BUCKET_NUMEL):
-                    numel += _numel(pieces[end])
-                    end += 1
-                chunk = pieces[start:end]
-                start = end
-                flat = paddle.concat([_piece(p, a, b).astype("float32").reshape([-1]) for p, a, b in chunk])
-                dist.reduce(flat, dst=src, group=topo.sharding_group)
-                if k != self.me:
-                    continue
-                if topo.dp_degree > 1:
-                    dist.all_reduce(flat, group=topo.dp_group)
-                flat.scale_(scale)
-                off = 0
-                for p, a, b in chunk:
-                    piece = _piece(p, a, b)
-                    size = int(np.prod(piece.shape))
-                    val = flat[off:off + size].reshape(piece.shape).astype(p.grad.dtype)
-                    if a is None:
-                        p.grad.copy_(val, False)
-                    else:
-                        self._proxy_of[id(p)]._set_grad_ivar(val.clone())
-                    off += size
-        for name, p in self.named:
+            chunk = []
+            for name in names:
+                p = self._params[name]
+                if self.owner[name] == k:
+                    chunk.append((p, None, None))
+                elif name in self.proxies:
+                    rows = p.shape[0] // topo.sharding_degree
+                    chunk.append((p, k * rows, (k + 1) * rows))
+            if not chunk:
+                continue
+            flat = paddle.concat([_piece(p, a, c).astype("float32").reshape([-1]) for p, a, c in chunk])
+            dist.reduce(flat, dst=src, group=topo.sharding_group)
+            if k != self.me:
+                continue
+            if topo.dp_degree > 1:
+                dist.all_reduce(flat, group=topo.dp_group)
+            flat.scale_(1.0 / topo.data_world)
+            off = 0
+            for p, a, c in chunk:
+                shape = list(p.shape) if a is None else [c - a] + list(p.shape[1:])
+                size = int(np.prod(shape))
+                val = flat[off:off + size].reshape(shape).astype(p.grad.dtype)
+                if a is None:
+                    p.grad.copy_(val, False)
+                else:
+                    self._proxy_of[id(p)]._set_grad_ivar(val.clone())
+                off += size
+        for name in names:
             if self.owner[name] != self.me:
-                p.clear_gradient(False)     # frees it: from here on this rank holds 1/S of the gradients
+                p = self._params[name]
+                self._held -= int(np.prod(p.shape)) - (p.shape[0] // topo.sharding_degree
+                                                       * int(np.prod(p.shape[1:])) if name in self.proxies else 0)
+                p.clear_gradient(False)     # this rank keeps 1/S of the gradients
 
     def grad_norm_sq(self) -> paddle.Tensor:
         """Stage 2: squared global gradient norm from the owners' pieces, equal on every rank."""

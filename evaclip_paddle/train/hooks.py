@@ -98,11 +98,15 @@ def default_hooks(topo) -> ParallelHooks:
     grad_norm = lambda params: pstate.global_grad_norm_sq(params, topo).sqrt()  # noqa: E731
     sharded: dict = {}
 
+    stage2 = topo.sharding_stage == "stage2" and topo.sharding_degree > 1
+
     def wrap_optimizer(opt):
         sharded["opt"] = ShardedOptimizer(opt, topo)
+        if stage2:
+            sharded["opt"].enable_stage2()
         return sharded["opt"]
 
-    if topo.sharding_stage == "stage2" and topo.sharding_degree > 1:
+    if stage2:
         sync_grads = lambda params: sharded["opt"].reduce_grads()              # noqa: E731
         grad_norm = lambda params: sharded["opt"].grad_norm_sq().sqrt()        # noqa: E731
         grad_params = lambda params: sharded["opt"].grad_params(params)        # noqa: E731
