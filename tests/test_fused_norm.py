@@ -150,6 +150,15 @@ def test_bfloat16(op, weight_dtype):
 
 
 def test_strided_input_is_handled(op):
+    old = paddle.get_flags(["FLAGS_use_stride_kernel"])  # configure_cpu turns stride kernels off
+    paddle.set_flags({"FLAGS_use_stride_kernel": True})
+    try:
+        _check_strided_input(op)
+    finally:
+        paddle.set_flags(old)
+
+
+def _check_strided_input(op):
     base = paddle.randn([96, 4])
     x = base.transpose([1, 0])  # a strided view
     assert not x.is_contiguous()

@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no_classifier_cache", action="store_true")
     ap.add_argument("--disable_tqdm", action="store_true")
     ap.add_argument("--device", default=None, help="cpu or gpu (default: gpu when Paddle has CUDA)")
-    ap.add_argument("--num_threads", type=int, default=None, help="CPU math threads (default: OMP_NUM_THREADS)")
+    ap.add_argument("--num_threads", type=int, default=None, help="CPU math threads (default: OMP_NUM_THREADS, else cores / local processes)")
     ap.add_argument("--seed", type=int, default=0, help="seed for random weights when --pretrained is absent")
     return ap
 
@@ -112,7 +112,11 @@ def run(args) -> Optional[dict]:
     log = logging.getLogger("evaclip_paddle.eval")
     device = args.device or ("gpu" if paddle.is_compiled_with_cuda() else "cpu")
     paddle.set_device(device)
-    if args.num_threads:
+    if device == "cpu":
+        from ..perf import configure_cpu
+        from ..train.loop import configure_cpu_threads
+        configure_cpu(configure_cpu_threads(args.num_threads or 0))   # threads, oneDNN, copies, malloc
+    elif args.num_threads:
         paddle.base.core.set_num_threads(int(args.num_threads))
     world = dist.maybe_init_parallel_env()
     _, rank = dist.world_and_rank()

@@ -10,6 +10,7 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 
 
+@paddle.jit.not_to_static
 def _fused_ops():
     try:
         from ..ops import fused_norm

@@ -17,6 +17,7 @@ from paddle.distributed.fleet.utils import recompute
 from ..parallel import topology
 from ..parallel.layers import ColumnParallelLinear, RowParallelLinear
 from .norm import make_norm
+from .linear import linear
 from .rope import apply_rope
 
 # Exact math attention instead of the fused kernel (used by tests as the reference path).
@@ -80,9 +81,9 @@ class Attention(nn.Layer):
         # Three GEMMs rather than one on concatenated weights: no weight concat and no split in
         # backward, which cost more than the GEMM batching saves on CPU.
         shape = [B, N, self.heads_local, self.head_dim]
-        q = F.linear(x, self.q_proj.weight, self.q_proj.bias).reshape(shape)
-        k = F.linear(x, self.k_proj.weight, self.k_proj.bias).reshape(shape)
-        v = F.linear(x, self.v_proj.weight, self.v_proj.bias).reshape(shape)
+        q = linear(x, self.q_proj.weight, self.q_proj.bias).reshape(shape)
+        k = linear(x, self.k_proj.weight, self.k_proj.bias).reshape(shape)
+        v = linear(x, self.v_proj.weight, self.v_proj.bias).reshape(shape)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)          # CLS row is the identity
         if mask is None and self.causal:

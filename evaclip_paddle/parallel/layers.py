@@ -13,6 +13,7 @@ import paddle.nn.functional as F
 
 from . import topology
 from .collectives import copy_to_mp, gather_from_mp, reduce_from_mp
+from ..model.linear import bias_add, linear
 
 
 # Weights start at zero (no RNG draw): how much of the global RNG stream construction consumes then
@@ -49,7 +50,7 @@ class ColumnParallelLinear(nn.Layer):
     def forward(self, x):
         if self.world > 1:
             x = copy_to_mp(x, self.group)
-        y = F.linear(x, self.weight, self.bias)
+        y = linear(x, self.weight, self.bias)
         if self.gather_output and self.world > 1:
             y = gather_from_mp(y, self.group)
         return y
@@ -73,7 +74,7 @@ class RowParallelLinear(nn.Layer):
         y = F.linear(x, self.weight)
         if self.world > 1:
             y = reduce_from_mp(y, self.group)
-        return y if self.bias is None else y + self.bias
+        return bias_add(y, self.bias)
 
 
 class VocabParallelEmbedding(nn.Layer):

@@ -17,6 +17,7 @@ import numpy as np
 import paddle
 
 from ..loss import ClipLoss, clamp_logit_scale_
+from ..perf import configure_cpu
 from . import checkpoint as ckpt
 from .args import ArgsError, TrainingArguments
 from .hooks import ParallelHooks, default_hooks
@@ -100,6 +101,7 @@ def select_device(args: TrainingArguments) -> str:
     paddle.set_device(device)
     if device == "cpu":
         threads = configure_cpu_threads(args.cpu_threads)
+        configure_cpu(threads)      # oneDNN, contiguous transposes, malloc thresholds (perf.py)
         logger.info("CPU training with %d compute thread(s)", threads)
     return device
 
