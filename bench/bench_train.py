@@ -1,6 +1,6 @@
 """Side-by-side throughput: evaclip_paddle vs open_clip (PyTorch) on the same machine, same threads.
 
-    python bench/bench_train.py [--model EVA02-CLIP-B-16] [--batches 8 32] [--iters 3] [--out bench/results/train.json]
+    python bench/bench_train.py [--model EVA02-CLIP-B-16] [--batches 8 32] [--iters 3] [--warmup 2] [--out bench/results/train.json]
 
 Measures, interleaving the two frameworks iteration by iteration so machine noise hits both alike:
 train step (fwd + ClipLoss + bwd + AdamW) samples/s per batch size, image inference images/s,
@@ -136,10 +136,12 @@ class Theirs:
             return float(self.model.encode_text(ids)[0, 0])
 
 
-def interleaved(fns, iters):
-    """Median seconds of each fn, alternating fns each iteration after one warm-up call each."""
-    for f in fns:
-        f()
+def interleaved(fns, iters, warmup=2):
+    """Median seconds of each fn, alternating fns each iteration after `warmup` calls each (Paddle's
+    first steps page-fault heavily while its allocator grows: one warm-up call understates it)."""
+    for _ in range(warmup):
+        for f in fns:
+            f()
     times = [[] for _ in fns]
     for _ in range(iters):
         for i, f in enumerate(fns):
@@ -168,6 +170,7 @@ def main(argv=None):
     ap.add_argument("--model", default="EVA02-CLIP-B-16", choices=sorted(OPEN_CLIP_NAME))
     ap.add_argument("--batches", type=int, nargs="+", default=[8, 32])
     ap.add_argument("--iters", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=2, help="untimed calls of each fn before timing")
     ap.add_argument("--infer_batch", type=int, default=32)
     ap.add_argument("--no_rss", action="store_true")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "train.json"))
@@ -177,15 +180,15 @@ def main(argv=None):
     rows = []
     for b in args.batches:
         d1, d2 = ours.data(b), theirs.data(b)
-        t1, t2 = interleaved([lambda: ours.train_step(*d1), lambda: theirs.train_step(*d2)], args.iters)
+        t1, t2 = interleaved([lambda: ours.train_step(*d1), lambda: theirs.train_step(*d2)], args.iters, args.warmup)
         fl = model_flops(ours.cfg, b, True)
         rows.append((f"train step b{b} (samples/s)", b / t1, b / t2, fl / t1 / 1e9, fl / t2 / 1e9))
     b = args.infer_batch
     d1, d2 = ours.data(b), theirs.data(b)
-    t1, t2 = interleaved([lambda: ours.encode_image(d1[0]), lambda: theirs.encode_image(d2[0])], args.iters)
+    t1, t2 = interleaved([lambda: ours.encode_image(d1[0]), lambda: theirs.encode_image(d2[0])], args.iters, args.warmup)
     fl = model_flops(ours.cfg, b, False, "image")
     rows.append((f"encode_image b{b} (images/s)", b / t1, b / t2, fl / t1 / 1e9, fl / t2 / 1e9))
-    t1, t2 = interleaved([lambda: ours.encode_text(d1[1]), lambda: theirs.encode_text(d2[1])], args.iters)
+    t1, t2 = interleaved([lambda: ours.encode_text(d1[1]), lambda: theirs.encode_text(d2[1])], args.iters, args.warmup)
     fl = model_flops(ours.cfg, b, False, "text")
     rows.append((f"encode_text b{b} (texts/s)", b / t1, b / t2, fl / t1 / 1e9, fl / t2 / 1e9))
     peak_p, peak_t = gemm_peak("paddle"), gemm_peak("torch")

@@ -1,4 +1,4 @@
-"""Build and install the `fused_ln` Paddle custom ops (LayerNorm / RMSNorm).
+"""Build and install the `fused_ln` Paddle custom ops (LayerNorm / RMSNorm; SwiGLU gate and softmax on CPU).
 
     pip install --no-build-isolation external_ops/
 
@@ -19,8 +19,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 # Keep in sync with evaclip_paddle/ops/fused_norm.py (JIT build). No -march=native: the library
 # must run on other CPUs; the kernels carry their own AVX2/AVX-512 clones instead. -g0 drops the
-# debug info Paddle's defaults ask for: it halves the build time.
-CXX_FLAGS = ["-O3", "-g0", "-fopenmp"]
+# debug info Paddle's defaults ask for: it halves the build time. -fno-trapping-math lets GCC turn
+# the float selects of fused_act_cpu.cc into blends, i.e. vectorise them (no code here reads FP
+# exception flags; results are unchanged).
+CXX_FLAGS = ["-O3", "-g0", "-fopenmp", "-fno-trapping-math"]
 NVCC_FLAGS = ["-O3"]
 LINK_FLAGS = ["-fopenmp"]
 
@@ -40,7 +42,7 @@ def want_cuda():
 
 # setuptools wants source paths relative to the setup.py directory.
 os.chdir(HERE)
-sources = ["fused_ln/fused_ln_cpu.cc"]
+sources = ["fused_ln/fused_ln_cpu.cc", "fused_ln/fused_act_cpu.cc"]
 if want_cuda():
     ext = CUDAExtension(
         sources=sources + ["fused_ln/fused_ln_cuda.cu"],

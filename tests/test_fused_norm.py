@@ -362,3 +362,38 @@ def test_cuda_op_matches_native(op):
                 assert_close(g, r, tol if name == "dx" else 1e-4, f"cuda {dtype} {width} {name}")
             yr = op.evaclip_rms_norm(x, w, 1e-6)[0]
             assert_close(yr, rms_reference(xr, w, 1e-6), tol, f"cuda {dtype} {width} rms")
+
+
+# ---- SwiGLU gate (fused_act_cpu.cc) ------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(1,), (7, 3), (2, 197, 2048), (3, 16385)])   # odd sizes, several blocks
+def test_swiglu_gate_matches_native(op, shape):
+    from evaclip_paddle.ops import fused_act
+    rng = np.random.RandomState(len(shape))
+    a = paddle.to_tensor((rng.randn(*shape) * 6).astype("float32"), stop_gradient=False)
+    b = paddle.to_tensor(rng.randn(*shape).astype("float32"), stop_gradient=False)
+    g = paddle.to_tensor(rng.randn(*shape).astype("float32"))
+    assert fused_act._op("evaclip_swiglu", a, b) is not None      # the kernel, not the fallback
+    y = fused_act.swiglu(a, b)
+    ref = F.silu(a) * b
+    da, db = paddle.grad(y, [a, b], g)
+    rda, rdb = paddle.grad(ref, [a, b], g)
+    assert_close(y, ref, 2e-6, "swiglu")          # (relative to max(1, |ref|))
+    assert_close(da, rda, 2e-6, "swiglu d gate")
+    assert_close(db, rdb, 2e-6, "swiglu d value")
+
+
+def test_swiglu_gate_extremes_and_fallbacks(op):
+    from evaclip_paddle.ops import fused_act
+    assert fused_act.available()
+    x = paddle.to_tensor(np.array([-1e4, -100., -88.5, -20., 0., 1e-8, 20., 88.5, 1e4, np.nan], np.float32))
+    y = fused_act.swiglu(x, paddle.ones_like(x)).numpy()
+    ref = (F.silu(x)).numpy()
+    assert np.isnan(y[-1])
+    np.testing.assert_allclose(y[:-1], ref[:-1], rtol=1e-6, atol=1e-30)
+    # non-contiguous inputs are copied, other dtypes take the native path
+    base = paddle.randn([64, 32])
+    t = base.transpose([1, 0])
+    np.testing.assert_allclose(fused_act.swiglu(t, t).numpy(), (F.silu(t) * t).numpy(), rtol=2e-6, atol=1e-6)
+    h = paddle.randn([4, 8]).astype("float64")
+    np.testing.assert_allclose(fused_act.swiglu(h, h).numpy(), (F.silu(h) * h).numpy(), rtol=1e-12)

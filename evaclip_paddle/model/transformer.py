@@ -19,6 +19,7 @@ from ..parallel.layers import ColumnParallelLinear, RowParallelLinear
 from .norm import make_norm
 from .linear import linear
 from .rope import apply_rope
+from ..ops import fused_act
 
 # Exact math attention instead of the fused kernel (used by tests as the reference path).
 USE_SDPA = True
@@ -36,7 +37,7 @@ class BlockSpec:
     postnorm: bool = False
     rms: bool = False
     eps: float = 1e-6
-    fused_ln: bool = False
+    fused_ln: bool = False      # use the external_ops kernels (norms; the CPU SwiGLU gate)
     causal: bool = False
     proj_bias: bool = True      # bias of attn.proj and the MLP linears
 
@@ -138,9 +139,10 @@ class SwiGLU(nn.Layer):
         self.w2 = ColumnParallelLinear(s.width, s.mlp_hidden, bias=s.proj_bias)
         self.ffn_ln = make_norm(s.mlp_hidden, s.eps, s.rms, s.fused_ln, sharded=True) if s.subln else None
         self.w3 = RowParallelLinear(s.mlp_hidden, s.width, bias=s.proj_bias)
+        self.fused = s.fused_ln     # external_ops gate kernel where it applies (CPU fp32 dygraph)
 
     def forward(self, x):
-        h = F.silu(self.w1(x)) * self.w2(x)
+        h = fused_act.swiglu(self.w1(x), self.w2(x)) if self.fused else F.silu(self.w1(x)) * self.w2(x)
         if self.ffn_ln is not None:
             h = self.ffn_ln(h)
         return self.w3(h)

@@ -43,7 +43,7 @@ _OP_NAME = "fused_ln"
 _REPO_SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "external_ops", "fused_ln")
 _SRC_DIR = os.path.abspath(os.environ.get("EVACLIP_OPS_SRC", _REPO_SRC))
 # Keep in sync with external_ops/setup.py (-g0: half the build time of Paddle's default -g).
-_CXX_FLAGS = ["-O3", "-g0", "-fopenmp"]
+_CXX_FLAGS = ["-O3", "-g0", "-fopenmp", "-fno-trapping-math"]
 _NVCC_FLAGS = ["-O3"]
 _LINK_FLAGS = ["-fopenmp"]
 
@@ -69,7 +69,7 @@ def _nvcc_found():
 def _jit_plan():
     """(sources, cxx flags, key): the key changes with sources, flags, Paddle and Python."""
     with_cuda = paddle.is_compiled_with_cuda() and _nvcc_found() and os.environ.get("FUSED_LN_CUDA") != "0"
-    sources = [os.path.join(_SRC_DIR, "fused_ln_cpu.cc")]
+    sources = [os.path.join(_SRC_DIR, "fused_ln_cpu.cc"), os.path.join(_SRC_DIR, "fused_act_cpu.cc")]
     cxx = list(_CXX_FLAGS)
     if with_cuda:
         sources.append(os.path.join(_SRC_DIR, "fused_ln_cuda.cu"))

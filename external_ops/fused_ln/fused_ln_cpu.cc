@@ -518,6 +518,9 @@ PD_BUILD_GRAD_OP(evaclip_rms_norm)
 // ---------------------------------------------------------------------------------------------
 // Plain C entry points, reached from Python with ctypes on the op library.
 
+// Shared with fused_act_cpu.cc, so every kernel of the library follows one thread setting.
+int fused_ln_threads() { return max_threads(); }
+
 FLN_EXPORT void fused_ln_set_num_threads(int n) {
   g_num_threads.store(n > 0 ? n : 0, std::memory_order_relaxed);
 }
