@@ -112,17 +112,22 @@ def global_grad_norm_sq(params, topo: Optional[Topology] = None, owned_shard: bo
     """Squared L2 norm of the gradients of the whole (unsharded) model, as a float32 0-d tensor,
     equal on every rank.
 
-    Sharded parameters' squares are summed over the model-parallel group; replicated ones (equal on
-    every mp rank) count once. `owned_shard`: `params` is this rank's ZeRO-1 partition (Paddle's
-    stage-1 sharding optimizer reduces each gradient to its owner only, so other ranks' copies are
-    stale): the total is then also summed over the sharding group, as fleet's clip does.
+    `params`: parameters, or (parameter, gradient) pairs where the gradient lives elsewhere (ZeRO-2
+    keeps a row-split tensor's rows on a proxy). Sharded parameters' squares are summed over the
+    model-parallel group; replicated ones (equal on every mp rank) count once. `owned_shard`:
+    `params` is this rank's ZeRO partition (other ranks' copies are stale or freed): the total is
+    then also summed over the sharding group, as fleet's clip does.
     """
     topo = topo or get_topology()
     dist_sq = paddle.zeros([], dtype="float32")
     rep_sq = paddle.zeros([], dtype="float32")
-    for p in params:
-        g = getattr(p, "main_grad", None)
-        g = p.grad if g is None else g
+    for item in params:
+        if isinstance(item, tuple):
+            p, g = item
+        else:
+            p = item
+            g = getattr(p, "main_grad", None)
+            g = p.grad if g is None else g
         if g is None:
             continue
         sq = g.astype("float32").pow(2).sum()

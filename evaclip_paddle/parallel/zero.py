@@ -25,7 +25,7 @@ import numpy as np
 import paddle
 import paddle.distributed as dist
 
-from .state import shard
+from .state import global_grad_norm_sq, shard
 from .topology import Topology
 
 
@@ -215,28 +215,9 @@ class ShardedOptimizer:
 
     def grad_norm_sq(self) -> paddle.Tensor:
         """Stage 2: squared global gradient norm from the owners' pieces, equal on every rank."""
-        topo = self.topo
-        dist_sq = paddle.zeros([], dtype="float32")
-        rep_sq = paddle.zeros([], dtype="float32")
-        for name, p in self.named:
-            if self.owner[name] not in (self.me, SPLIT):
-                continue
-            g = p.grad
-            if name in self.proxies:      # (stage 2 freed the full tensor; its rows are on the proxy)
-                g = self.proxies[name][1].grad
-            if g is None:
-                continue
-            sq = g.astype("float32").square().sum()
-            if topo.mp_degree > 1 and getattr(p, "is_distributed", False):
-                dist_sq = dist_sq + sq
-            else:
-                rep_sq = rep_sq + sq
-        with paddle.no_grad():
-            if topo.mp_degree > 1:
-                dist.all_reduce(dist_sq, group=topo.mp_group)
-            total = dist_sq + rep_sq
-            dist.all_reduce(total, group=topo.sharding_group)
-        return total
+        mine = [(p, self.proxies[name][1].grad if name in self.proxies else p.grad)   # (row-split: on the proxy)
+                for name, p in self.named if self.owner[name] in (self.me, SPLIT)]
+        return global_grad_norm_sq(mine, self.topo, owned_shard=True)
 
     @paddle.no_grad()
     def step(self) -> None:
