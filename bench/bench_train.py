@@ -20,8 +20,6 @@ import time
 
 THREADS = int(os.environ.get("BENCH_THREADS", "2"))
 os.environ["OMP_NUM_THREADS"] = str(THREADS)  # before paddle/torch import: paddle pins 1 otherwise
-# Both frameworks under the same OpenMP wait policy; PASSIVE is what evaclip_paddle sets by default.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 OPEN_CLIP_NAME = {"EVA02-CLIP-B-16": "EVA02-B-16", "EVA02-CLIP-L-14": "EVA02-L-14", "EVA01-CLIP-g-14": "EVA01-g-14"}
 
