@@ -4,11 +4,6 @@ from __future__ import annotations
 import os
 
 
-# iomp5 spins 200 ms by default; 0 makes every short op of a small model pay a wake-up (demo model
-# step 0.068 -> 0.14 s), 1 ms keeps those and frees the cores between matmuls and our libgomp ops.
-_BLOCKTIME_MS = 1
-
-
 def set_threads_env(threads: int = None) -> int:
     """Call BEFORE importing paddle: sets OMP_NUM_THREADS (default: all cores) unless already set."""
     n = threads or int(os.environ.get("OMP_NUM_THREADS", 0)) or (os.cpu_count() or 1)
@@ -34,6 +29,11 @@ def tune_malloc() -> bool:
     ok = libc.mallopt(m_mmap_threshold, 1 << 30) == 1
     ok &= libc.mallopt(m_trim_threshold, (1 << 31) - 1) == 1
     return bool(ok)
+
+
+# iomp5 spins 200 ms by default; 0 makes every short op of a small model pay a wake-up (demo model
+# step 0.068 -> 0.14 s), 1 ms keeps those and frees the cores between matmuls and our libgomp ops.
+_BLOCKTIME_MS = 1
 
 
 def omp_blocktime(ms: int = None) -> bool:

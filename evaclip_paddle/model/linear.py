@@ -31,18 +31,19 @@ class _BiasAdd(PyLayer):
         return dy, db
 
 
+def _fast(b) -> bool:
+    """The GEMV bias gradient applies: a trainable bias, in dygraph on CPU."""
+    return (b is not None and FAST_BIAS_GRAD and not b.stop_gradient and paddle.in_dynamic_mode()
+            and paddle.get_device() == "cpu")
+
+
 def bias_add(y, b):
     """y + b (b broadcast over the last axis)."""
     if b is None:
         return y
-    if not FAST_BIAS_GRAD or b.stop_gradient or not paddle.in_dynamic_mode() or paddle.get_device() != "cpu":
-        return y + b
-    return _BiasAdd.apply(y, b)
+    return _BiasAdd.apply(y, b) if _fast(b) else y + b
 
 
 def linear(x, w, b=None):
     """F.linear(x, w, b) with the bias gradient as a GEMV (see module doc)."""
-    if b is None or not FAST_BIAS_GRAD or b.stop_gradient or not paddle.in_dynamic_mode() \
-            or paddle.get_device() != "cpu":
-        return F.linear(x, w, b)
-    return _BiasAdd.apply(paddle.matmul(x, w), b)
+    return _BiasAdd.apply(paddle.matmul(x, w), b) if _fast(b) else F.linear(x, w, b)

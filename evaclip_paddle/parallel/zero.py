@@ -51,10 +51,6 @@ def assign_owners(named_params, n: int) -> Dict[str, int]:
     return owner
 
 
-def _piece(p, a, b):
-    return p.grad if a is None else p.grad[a:b]
-
-
 class ShardedOptimizer:
     """Wraps a train.optim.GroupOptimizer for a multi-rank layout (sharding degree may be 1: then it
     only merges tensor-parallel state for checkpoints).
@@ -141,16 +137,13 @@ class ShardedOptimizer:
             self._buckets[-1].append(name)
             numel += sizes[name]
         self._bucket_of = {name: b for b, names in enumerate(self._buckets) for name in names}
-        self._pending = [len(names) for names in self._buckets]
-        self._done = [False] * len(self._buckets)
+        self._pending = [len(names) for names in self._buckets]   # 0: the bucket has been reduced
         # gradient elements held so far this step, and the most held at once (measures the saving)
         self._held, self.peak_grad_numel = 0, 0
         for name, p in self.named:
-            p._register_backward_hook(self._make_hook(name))
+            p._register_backward_hook(self._make_hook(name, sizes[name]))
 
-    def _make_hook(self, name: str):
-        size = int(np.prod(self._params[name].shape))
-
+    def _make_hook(self, name: str, size: int):
         def hook():
             self._held += size
             self.peak_grad_numel = max(self.peak_grad_numel, self._held)
@@ -166,17 +159,16 @@ class ShardedOptimizer:
         the same on every rank), then re-arms the buckets for the next step. Every rank must hold
         gradients for the same parameters (true for a CLIP step)."""
         for b in range(len(self._buckets)):
-            if not self._done[b]:
+            if self._pending[b]:
                 self._reduce_bucket(b)
         self._pending = [len(names) for names in self._buckets]
-        self._done = [False] * len(self._buckets)
         self._held = 0
 
     @paddle.no_grad()
     def _reduce_bucket(self, b: int) -> None:
         """The data-parallel average of the bucket's gradients, on their owners only; freed elsewhere."""
         topo = self.topo
-        self._done[b] = True
+        self._pending[b] = 0
         names = [n for n in self._buckets[b] if self._params[n].grad is not None]
         for k, src in enumerate(self._src):
             chunk = []
@@ -184,12 +176,13 @@ class ShardedOptimizer:
                 p = self._params[name]
                 if self.owner[name] == k:
                     chunk.append((p, None, None))
-                elif name in self.proxies:
-                    rows = p.shape[0] // topo.sharding_degree
+                elif name in self.proxies:      # owner k's rows of a row-split tensor
+                    rows = self.proxies[name][1].shape[0]
                     chunk.append((p, k * rows, (k + 1) * rows))
             if not chunk:
                 continue
-            flat = paddle.concat([_piece(p, a, c).astype("float32").reshape([-1]) for p, a, c in chunk])
+            flat = paddle.concat([(p.grad if a is None else p.grad[a:c]).astype("float32").reshape([-1])
+                                  for p, a, c in chunk])
             dist.reduce(flat, dst=src, group=topo.sharding_group)
             if k != self.me:
                 continue
@@ -209,8 +202,8 @@ class ShardedOptimizer:
         for name in names:
             if self.owner[name] != self.me:
                 p = self._params[name]
-                self._held -= int(np.prod(p.shape)) - (p.shape[0] // topo.sharding_degree
-                                                       * int(np.prod(p.shape[1:])) if name in self.proxies else 0)
+                kept = int(np.prod(self.proxies[name][1].shape)) if name in self.proxies else 0  # rows on the proxy
+                self._held -= int(np.prod(p.shape)) - kept
                 p.clear_gradient(False)     # this rank keeps 1/S of the gradients
 
     def grad_norm_sq(self) -> paddle.Tensor:
