@@ -71,9 +71,9 @@ class RowParallelLinear(nn.Layer):
         self.bias = self.create_parameter([out_features], is_bias=True) if bias else None
 
     def forward(self, x):
-        y = F.linear(x, self.weight)
-        if self.world > 1:
-            y = reduce_from_mp(y, self.group)
+        if self.world == 1:
+            return linear(x, self.weight, self.bias)
+        y = reduce_from_mp(F.linear(x, self.weight), self.group)
         return bias_add(y, self.bias)
 
 
