@@ -15,8 +15,17 @@ from paddle.autograd import PyLayer
 FAST_BIAS_GRAD = True
 
 
+_ONES = {}
+
+
 def _ones(m: int, dtype):
-    return paddle.ones([1, m], dtype=dtype)
+    """A cached [1, m] ones row (read-only; a fresh one per backward cost ~0.1 ms x 150 a step)."""
+    key = (m, str(dtype))
+    if key not in _ONES:
+        if len(_ONES) > 64:        # varying sequence lengths: keep the cache bounded
+            _ONES.clear()
+        _ONES[key] = paddle.ones([1, m], dtype=dtype)
+    return _ONES[key]
 
 
 class _BiasAdd(PyLayer):
