@@ -1,4 +1,5 @@
-"""Build and install the `fused_ln` Paddle custom ops (LayerNorm / RMSNorm; SwiGLU gate and softmax on CPU).
+"""Build and install the `fused_ln` Paddle custom ops (LayerNorm / RMSNorm; on CPU also the SwiGLU
+gate, RoPE and the attention softmax).
 
     pip install --no-build-isolation external_ops/
 
@@ -42,7 +43,7 @@ def want_cuda():
 
 # setuptools wants source paths relative to the setup.py directory.
 os.chdir(HERE)
-sources = ["fused_ln/fused_ln_cpu.cc", "fused_ln/fused_act_cpu.cc"]
+sources = ["fused_ln/fused_ln_cpu.cc", "fused_ln/fused_act_cpu.cc", "fused_ln/fused_attn_cpu.cc"]
 if want_cuda():
     ext = CUDAExtension(
         sources=sources + ["fused_ln/fused_ln_cuda.cu"],

@@ -69,13 +69,14 @@ def _nvcc_found():
 def _jit_plan():
     """(sources, cxx flags, key): the key changes with sources, flags, Paddle and Python."""
     with_cuda = paddle.is_compiled_with_cuda() and _nvcc_found() and os.environ.get("FUSED_LN_CUDA") != "0"
-    sources = [os.path.join(_SRC_DIR, "fused_ln_cpu.cc"), os.path.join(_SRC_DIR, "fused_act_cpu.cc")]
+    cpu_files = ("fused_ln_cpu.cc", "fused_act_cpu.cc", "fused_attn_cpu.cc")
+    sources = [os.path.join(_SRC_DIR, name) for name in cpu_files]
     cxx = list(_CXX_FLAGS)
     if with_cuda:
         sources.append(os.path.join(_SRC_DIR, "fused_ln_cuda.cu"))
         cxx.append("-DFUSED_LN_WITH_CUDA")
     h = hashlib.sha256()
-    for path in sources + [os.path.join(_SRC_DIR, "fused_ln.h")]:
+    for path in sources + [os.path.join(_SRC_DIR, name) for name in ("fused_ln.h", "cpu_common.h")]:
         with open(path, "rb") as f:
             h.update(f.read())
     h.update(repr((cxx, _NVCC_FLAGS, _LINK_FLAGS, paddle.__version__, sys.version_info[:2])).encode())

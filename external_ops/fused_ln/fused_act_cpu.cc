@@ -6,48 +6,14 @@
 // 28 ms, PyTorch 6 ms). This kernel uses a polynomial exp that the compiler vectorises (one clone
 // per ISA level, as in fused_ln_cpu.cc) and fuses the product: 12 ms.
 //
-// exp_approx: Cody-Waite range reduction to |r| <= ln2/2 and a degree-6 polynomial; relative error
-// about 2 ulp for inputs in [-87.3, 88]. Inputs below -87.3 give 0 and inputs above 88 saturate at
-// e^88: the kernel only needs exp(-a) inside a sigmoid, where both limits give the right sigmoid.
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
+// exp_approx (cpu_common.h) saturates below -87.3 (0) and above 88 (e^88): the kernel only needs
+// exp(-a) inside a sigmoid, where both limits give the right sigmoid.
 #include <vector>
 
+#include "cpu_common.h"
 #include "paddle/extension.h"
 
-#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && \
-    __GNUC__ >= 12
-#define FA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define FA_CLONES
-#endif
-#define FA_INLINE inline __attribute__((always_inline))
-
-int fused_ln_threads();  // fused_ln_cpu.cc: the thread count both files follow
-
 namespace {
-
-FA_INLINE float exp_approx(float x) {
-  const float lo = -87.33654f, hi = 88.0f;
-  float xc = x > hi ? hi : x;
-  xc = xc < lo ? lo : xc;
-  const float n = std::floor(xc * 1.44269504088896341f + 0.5f);
-  float r = xc - n * 0.693359375f;
-  r = r + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const float e = p * r * r + r + 1.f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return x < lo ? 0.f : e * scale;  // (a NaN input fails every comparison and stays NaN)
-}
 
 FA_INLINE float sigmoid(float a) { return 1.f / (1.f + exp_approx(-a)); }
 
@@ -72,22 +38,6 @@ FA_CLONES void swiglu_bwd(const float* __restrict a, const float* __restrict b,
   }
 }
 
-void check_f32_cpu(const char* op, const paddle::Tensor& t, const char* what) {
-  PD_CHECK(t.is_cpu(), op, ": ", what, " must be a CPU tensor (these kernels are CPU-only)");
-  PD_CHECK(t.dtype() == paddle::DataType::FLOAT32, op, ": ", what, " must be float32");
-}
-
-template <typename F>
-void parallel_blocks(int64_t numel, F&& body) {
-  const int64_t blocks = (numel + kBlock - 1) / kBlock;
-  const int nt = static_cast<int>(std::min<int64_t>(fused_ln_threads(), blocks));
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
-  for (int64_t blk = 0; blk < blocks; ++blk) {
-    const int64_t i0 = blk * kBlock;
-    body(i0, std::min(kBlock, numel - i0));
-  }
-}
-
 }  // namespace
 
 std::vector<paddle::Tensor> SwigluForward(const paddle::Tensor& a, const paddle::Tensor& b) {
@@ -98,7 +48,8 @@ std::vector<paddle::Tensor> SwigluForward(const paddle::Tensor& a, const paddle:
   const float* pa = a.data<float>();
   const float* pb = b.data<float>();
   float* py = y.data<float>();
-  parallel_blocks(a.numel(), [&](int64_t i0, int64_t len) { swiglu_fwd(pa + i0, pb + i0, py + i0, len); });
+  parallel_chunks(a.numel(), kBlock,
+                  [&](int64_t i0, int64_t len) { swiglu_fwd(pa + i0, pb + i0, py + i0, len); });
   return {y};
 }
 
@@ -112,7 +63,7 @@ std::vector<paddle::Tensor> SwigluBackward(const paddle::Tensor& a, const paddle
   const float* pg = dy.data<float>();
   float* pda = da.data<float>();
   float* pdb = db.data<float>();
-  parallel_blocks(a.numel(), [&](int64_t i0, int64_t len) {
+  parallel_chunks(a.numel(), kBlock, [&](int64_t i0, int64_t len) {
     swiglu_bwd(pa + i0, pb + i0, pg + i0, pda + i0, pdb + i0, len);
   });
   return {da, db};

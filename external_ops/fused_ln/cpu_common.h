@@ -1,0 +1,68 @@
+// Pieces shared by the float32 CPU kernels outside fused_ln_cpu.cc (fused_act_cpu.cc,
+// fused_attn_cpu.cc): the per-ISA clone attribute, a vectorisable exp, the parallel loop and the
+// input check. Everything has internal linkage, so each file gets its own copy.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "paddle/extension.h"
+
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && \
+    __GNUC__ >= 12
+#define FA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define FA_CLONES
+#endif
+// Helpers must be inlined into the target_clones callers, or they run as the baseline build.
+#define FA_INLINE inline __attribute__((always_inline))
+
+int fused_ln_threads();  // fused_ln_cpu.cc: the thread count all the kernels follow
+
+namespace {
+
+// exp_approx: Cody-Waite range reduction to |r| <= ln2/2 and a degree-6 polynomial; relative error
+// about 2 ulp for inputs in [-87.3, 88]. Inputs below -87.3 (-inf included) give exactly 0 and
+// inputs above 88 saturate at e^88. Unlike std::exp it has no branches or calls, so `omp simd`
+// loops around it vectorise (Paddle 3.3.1's own CPU exp is scalar).
+FA_INLINE float exp_approx(float x) {
+  const float lo = -87.33654f, hi = 88.0f;
+  float xc = x > hi ? hi : x;
+  xc = xc < lo ? lo : xc;
+  const float n = std::floor(xc * 1.44269504088896341f + 0.5f);
+  float r = xc - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float e = p * r * r + r + 1.f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return x < lo ? 0.f : e * scale;  // (a NaN input fails every comparison and stays NaN)
+}
+
+void check_f32_cpu(const char* op, const paddle::Tensor& t, const char* what) {
+  PD_CHECK(t.is_cpu(), op, ": ", what, " must be a CPU tensor (these kernels are CPU-only)");
+  PD_CHECK(t.dtype() == paddle::DataType::FLOAT32, op, ": ", what, " must be float32");
+}
+
+// body(i0, len) over [0, n) in chunks of `chunk`, statically spread over the kernels' threads
+// (no more threads than chunks: a chunk is the smallest piece worth a thread).
+template <typename F>
+void parallel_chunks(int64_t n, int64_t chunk, F&& body) {
+  const int64_t chunks = (n + chunk - 1) / chunk;
+  const int nt = static_cast<int>(std::min<int64_t>(fused_ln_threads(), chunks));
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t i0 = c * chunk;
+    body(i0, std::min(chunk, n - i0));
+  }
+}
+
+}  // namespace
