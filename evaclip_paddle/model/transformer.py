@@ -19,7 +19,7 @@ from ..parallel.layers import ColumnParallelLinear, RowParallelLinear
 from .norm import make_norm
 from .linear import linear
 from .rope import apply_rope
-from ..ops import fused_act
+from ..ops import fused_act, fused_attn
 
 # Exact math attention instead of the fused kernel (used by tests as the reference path).
 USE_SDPA = True
@@ -71,6 +71,7 @@ class Attention(nn.Layer):
         self.v_proj = ColumnParallelLinear(s.width, s.width, bias=s.q_bias)
         self.inner_attn_ln = make_norm(s.width, s.eps, s.rms, s.fused_ln, sharded=True) if s.subln else None
         self.proj = RowParallelLinear(s.width, s.width, bias=s.proj_bias)
+        self.fused = s.fused_ln     # external_ops RoPE/softmax kernels where they apply (CPU fp32 dygraph)
 
     def forward(self, x, rope=None, mask=None):
         """mask: additive [N, N] attention mask (the text tower passes its causal mask, built once
@@ -85,11 +86,17 @@ class Attention(nn.Layer):
         q = linear(x, self.q_proj.weight, self.q_proj.bias).reshape(shape)
         k = linear(x, self.k_proj.weight, self.k_proj.bias).reshape(shape)
         v = linear(x, self.v_proj.weight, self.v_proj.bias).reshape(shape)
-        if rope is not None:
+        fused = self.fused and paddle.in_dynamic_mode()   # (export keeps its own rewrites of the native math)
+        if rope is not None and fused:
+            cos, sin = rope[0][..., 0, :], rope[1][..., 0, :]         # the kernel broadcasts the head axis
+            q, k = fused_attn.rope(q, cos, sin), fused_attn.rope(k, cos, sin)
+        elif rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)          # CLS row is the identity
         if mask is None and self.causal:
             mask = causal_mask(N, q.dtype)
-        if USE_SDPA:
+        if USE_SDPA and fused:
+            o = fused_attn.attention(q, k, v, mask)                    # falls back to sdpa itself
+        elif USE_SDPA:
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         else:
             o = attention_math(q, k, v, mask)
