@@ -20,6 +20,9 @@ import time
 
 THREADS = int(os.environ.get("BENCH_THREADS", "2"))
 os.environ["OMP_NUM_THREADS"] = str(THREADS)  # before paddle/torch import: paddle pins 1 otherwise
+# The library's pre-import settings (perf.set_gomp_spincount) need it imported before paddle;
+# open_clip shares the process (and libgomp) with it: measured alone, torch is unaffected by them.
+import evaclip_paddle  # noqa: E402,F401
 
 OPEN_CLIP_NAME = {"EVA02-CLIP-B-16": "EVA02-B-16", "EVA02-CLIP-L-14": "EVA02-L-14", "EVA01-CLIP-g-14": "EVA01-g-14"}
 

@@ -53,3 +53,21 @@ def test_flush_can_be_turned_off():
     flag, main, ops, ew = _probe({"EVACLIP_FLUSH_DENORMALS": "0"})
     assert not flag
     assert main > 0 and ops > 0 and ew > 0                 # subnormal arithmetic kept
+
+
+def _env_after(code, **env_extra):
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    env.update(env_extra)
+    out = subprocess.run([sys.executable, "-c", code + "; import os; print(os.environ.get('GOMP_SPINCOUNT'))"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout.split()[-1]
+
+
+def test_gomp_spincount_set_before_paddle_loads_libgomp():
+    assert _env_after("import evaclip_paddle") == "10000"
+    assert _env_after("import evaclip_paddle", GOMP_SPINCOUNT="7") == "7"              # the user's wins
+    assert _env_after("import evaclip_paddle", EVACLIP_GOMP_SPINCOUNT="500") == "500"
+    assert _env_after("import evaclip_paddle", EVACLIP_GOMP_SPINCOUNT="default") == "None"
+    assert _env_after("import evaclip_paddle", OMP_WAIT_POLICY="PASSIVE") == "None"
+    assert _env_after("import paddle, evaclip_paddle") == "None"                       # too late: left alone
