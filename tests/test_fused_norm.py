@@ -397,3 +397,31 @@ def test_swiglu_gate_extremes_and_fallbacks(op):
     np.testing.assert_allclose(fused_act.swiglu(t, t).numpy(), (F.silu(t) * t).numpy(), rtol=2e-6, atol=1e-6)
     h = paddle.randn([4, 8]).astype("float64")
     np.testing.assert_allclose(fused_act.swiglu(h, h).numpy(), (F.silu(h) * h).numpy(), rtol=1e-12)
+
+
+# ---- exact GELU (fused_act_cpu.cc) -------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(1,), (7, 3), (4, 77, 2048), (3, 16385)])
+def test_gelu_matches_native(op, shape):
+    from evaclip_paddle.ops import fused_act
+    rng = np.random.RandomState(len(shape) + 10)
+    x = paddle.to_tensor((rng.randn(*shape) * 4).astype("float32"), stop_gradient=False)
+    g = paddle.to_tensor(rng.randn(*shape).astype("float32"))
+    assert fused_act._op("evaclip_gelu", x) is not None            # the kernel, not the fallback
+    y, ref = fused_act.gelu(x), F.gelu(x)
+    (dx,), (rdx,) = paddle.grad(y, [x], g), paddle.grad(ref, [x], g)
+    assert_close(y, ref, 1e-6, "gelu")            # (relative to max(1, |ref|))
+    assert_close(dx, rdx, 1e-6, "gelu dx")
+
+
+def test_gelu_extremes_and_fallbacks(op):
+    from evaclip_paddle.ops import fused_act
+    x = paddle.to_tensor(np.array([-1e4, -40., -9., -3., -0.5, 0., 1e-8, 0.5, 3., 9., 40., 1e4, np.nan],
+                                  np.float32), stop_gradient=False)
+    y, ref = fused_act.gelu(x), F.gelu(x)
+    (dx,), (rdx,) = paddle.grad(y, [x], paddle.ones_like(x)), paddle.grad(ref, [x], paddle.ones_like(x))
+    assert np.isnan(y.numpy()[-1])
+    np.testing.assert_allclose(y.numpy()[:-1], ref.numpy()[:-1], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(dx.numpy()[:-1], rdx.numpy()[:-1], rtol=1e-6, atol=1e-7)
+    h = paddle.randn([4, 8]).astype("float64")                     # other dtypes: the native op
+    np.testing.assert_allclose(fused_act.gelu(h).numpy(), F.gelu(h).numpy(), rtol=1e-12)

@@ -129,9 +129,10 @@ class Mlp(nn.Layer):
         self.fc1 = ColumnParallelLinear(s.width, s.mlp_hidden, bias=s.proj_bias)
         self.ffn_ln = make_norm(s.mlp_hidden, s.eps, s.rms, s.fused_ln, sharded=True) if s.subln else None
         self.fc2 = RowParallelLinear(s.mlp_hidden, s.width, bias=s.proj_bias)
+        self.fused = s.fused_ln     # external_ops GELU kernel where it applies (CPU fp32 dygraph)
 
     def forward(self, x):
-        h = F.gelu(self.fc1(x))
+        h = fused_act.gelu(self.fc1(x)) if self.fused else F.gelu(self.fc1(x))
         if self.ffn_ln is not None:
             h = self.ffn_ln(h)
         return self.fc2(h)

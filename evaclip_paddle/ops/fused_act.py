@@ -1,4 +1,5 @@
-"""The SwiGLU gate silu(a) * b on the fused_ln op library's CPU kernel (external_ops/).
+"""The SwiGLU gate silu(a) * b and the exact GELU on the fused_ln op library's CPU kernels
+(external_ops/).
 
 Paddle 3.3.1's CPU exp is scalar, which makes silu the slowest non-GEMM op of an EVA02 training
 step; the library's kernel vectorises exp and fuses the product (fwd+bwd 28 -> 12 ms on
@@ -33,6 +34,15 @@ def swiglu(a, b):
     if op is None or a.shape != b.shape:
         return F.silu(a) * b
     return op(fused_norm._contiguous(a), fused_norm._contiguous(b))
+
+
+@paddle.jit.not_to_static
+def gelu(x):
+    """Exact (erf) GELU, x * Phi(x): the same function as F.gelu(x)."""
+    op = _op("evaclip_gelu", x)
+    if op is None:
+        return F.gelu(x)
+    return op(fused_norm._contiguous(x))
 
 
 def available() -> bool:
