@@ -7,7 +7,8 @@ apply_rope (x * cos + matmul(x, rot) * sin, tables materialised over the heads);
 [B, 12, 197, 197] scores against F.softmax(x * scale); fused_attn.attention against
 F.scaled_dot_product_attention (vision [8, 197, 12, 64], text [32, 77, 8, 64] with the causal mask,
 and [32, 197, 12, 64] forward only). Forward runs under no_grad; fwd_bwd takes the grads of the
-inputs. Runs under perf.configure_cpu, as training and eval do. Medians of --repeats runs after
+inputs. Under no_grad fused_attn.attention runs the evaclip_attention_fwd kernel; the
+"attention infer" rows also time the matmul + fused softmax path it replaces (column "prev"). Runs under perf.configure_cpu, as training and eval do. Medians of --repeats runs after
 --warmup; native and fused alternate inside every repeat so a noisy machine slows both alike.
 """
 
@@ -84,6 +85,24 @@ def cases():
         yield ("attention" + (" causal" if causal else ""), shape,
                lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
                lambda q, k, v: fused_attn.attention(q, k, v, mask), qkv, paddle.randn(shape), modes)
+    for shape, causal in (([32, 197, 12, 64], False), ([32, 77, 8, 64], True)):
+        mask = causal_mask(shape[1]) if causal else None
+        qkv = [leaf(shape) for _ in range(3)]
+        yield ("attention infer" + (" causal" if causal else ""), shape,
+               lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+               lambda q, k, v: fused_attn.attention(q, k, v, mask), qkv, None, ("fwd",),
+               lambda q, k, v: previous_attention(q, k, v, mask))
+
+
+def previous_attention(q, k, v, mask):
+    """fused_attn.attention without the inference kernel: transposes, matmuls, fused softmax."""
+    from evaclip_paddle.ops import fused_attn
+
+    fused_attn.USE_INFERENCE_OP = False
+    try:
+        return fused_attn.attention(q, k, v, mask)
+    finally:
+        fused_attn.USE_INFERENCE_OP = True
 
 
 def main():
@@ -103,16 +122,22 @@ def main():
     paddle.seed(0)
 
     results = []
-    for op, shape, native, fused, inputs, dy, modes in cases():
+    for op, shape, native, fused, inputs, dy, modes, *prev in cases():
         if args.only not in op:
             continue
-        t = time_pair({"native": native, "fused": fused}, inputs, dy, modes, args.warmup, args.repeats)
+        fns = {"native": native, "fused": fused, **({"prev": prev[0]} if prev else {})}
+        t = time_pair(fns, inputs, dy, modes, args.warmup, args.repeats)
         for mode in modes:
             (n, n_min), (f, f_min) = t[("native", mode)], t[("fused", mode)]
-            results.append({"op": op, "shape": list(shape), "mode": mode, "native_ms": n, "fused_ms": f,
-                            "speedup": n / f, "native_min_ms": n_min, "fused_min_ms": f_min})
-            print(f"{op:<18}{str(tuple(shape)):<20}{mode:<9}{n:>10.2f}{f:>10.2f}{n / f:>8.2f}x"
-                  f"{n_min:>10.2f}{f_min:>10.2f}{n_min / f_min:>8.2f}x", flush=True)
+            row = {"op": op, "shape": list(shape), "mode": mode, "native_ms": n, "fused_ms": f,
+                   "speedup": n / f, "native_min_ms": n_min, "fused_min_ms": f_min}
+            extra = ""
+            if prev:
+                row["prev_ms"], row["prev_min_ms"] = t[("prev", mode)]
+                extra = f"   prev {row['prev_ms']:.2f} ({row['prev_ms'] / f:.2f}x)"
+            results.append(row)
+            print(f"{op:<24}{str(tuple(shape)):<20}{mode:<9}{n:>10.2f}{f:>10.2f}{n / f:>8.2f}x"
+                  f"{n_min:>10.2f}{f_min:>10.2f}{n_min / f_min:>8.2f}x{extra}", flush=True)
     print(f"(native ms, fused ms, speedup: median, then min, of {args.repeats}) threads={args.threads} "
           f"paddle {paddle.__version__} op: {fused_norm._state['how']}")
     if args.out:

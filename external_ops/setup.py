@@ -1,5 +1,5 @@
 """Build and install the `fused_ln` Paddle custom ops (LayerNorm / RMSNorm; on CPU also the SwiGLU
-gate, RoPE and the attention softmax).
+gate, RoPE, the attention softmax and, where Paddle ships MKL, inference attention).
 
     pip install --no-build-isolation external_ops/
 
@@ -28,6 +28,17 @@ NVCC_FLAGS = ["-O3"]
 LINK_FLAGS = ["-fopenmp"]
 
 
+def mkl_flags():
+    """(cxx, link) flags for the attention op's sgemm: Paddle's own MKL (libmklml_intel.so in
+    <paddle>/libs), found at run time through an rpath. Without it the op is compiled out. Only
+    mklml is linked: libiomp5, which it needs, is already loaded by paddle, and linking it here
+    would change the OpenMP runtime the other kernels run on."""
+    libs = os.path.join(os.path.dirname(paddle.__file__), "libs")
+    if not os.path.isfile(os.path.join(libs, "libmklml_intel.so")):
+        return [], []
+    return ["-DFUSED_LN_WITH_MKL"], [f"-L{libs}", "-lmklml_intel", f"-Wl,-rpath,{libs}"]
+
+
 def find_nvcc():
     for root in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
         if root and os.path.isfile(os.path.join(root, "bin", "nvcc")):
@@ -43,18 +54,20 @@ def want_cuda():
 
 # setuptools wants source paths relative to the setup.py directory.
 os.chdir(HERE)
-sources = ["fused_ln/fused_ln_cpu.cc", "fused_ln/fused_act_cpu.cc", "fused_ln/fused_attn_cpu.cc"]
+sources = ["fused_ln/fused_ln_cpu.cc", "fused_ln/fused_act_cpu.cc", "fused_ln/fused_attn_cpu.cc",
+           "fused_ln/fused_sdpa_cpu.cc"]
+MKL_CXX, MKL_LINK = mkl_flags()
 if want_cuda():
     ext = CUDAExtension(
         sources=sources + ["fused_ln/fused_ln_cuda.cu"],
-        extra_compile_args={"cxx": CXX_FLAGS + ["-DFUSED_LN_WITH_CUDA"], "nvcc": NVCC_FLAGS},
-        extra_link_args=LINK_FLAGS,
+        extra_compile_args={"cxx": CXX_FLAGS + MKL_CXX + ["-DFUSED_LN_WITH_CUDA"], "nvcc": NVCC_FLAGS},
+        extra_link_args=LINK_FLAGS + MKL_LINK,
     )
 else:
     ext = CppExtension(
         sources=sources,
-        extra_compile_args={"cxx": CXX_FLAGS},
-        extra_link_args=LINK_FLAGS,
+        extra_compile_args={"cxx": CXX_FLAGS + MKL_CXX},
+        extra_link_args=LINK_FLAGS + MKL_LINK,
     )
 
 setup(name="fused_ln", version="0.1.0", ext_modules=ext)

@@ -303,3 +303,139 @@ def _check_static_graph():
     want = block(x, cos, sin, causal(5))
     got = paddle.jit.to_static(block, full_graph=True)(x, cos, sin, causal(5))
     assert_close(got, want, TOL, "static graph")
+
+
+# ---- inference attention (evaclip_attention_fwd) -------------------------------------------------
+
+@pytest.fixture(scope="module")
+def attn_op(op):
+    """The forward-only attention kernel; it exists only where Paddle ships MKL (its sgemm)."""
+    libs = os.path.join(os.path.dirname(paddle.__file__), "libs")
+    if not os.path.isfile(os.path.join(libs, "libmklml_intel.so")):
+        pytest.skip("this paddle ships no libmklml_intel.so: the op is compiled out")
+    assert fused_attn.inference_available(), "the fused_ln library was built without evaclip_attention_fwd"
+    return op.evaclip_attention_fwd
+
+
+def attention_reference64(q, k, v, mask):
+    """softmax(q k^T / sqrt(D) + mask) v in float64 numpy, on [B, N, H, D] arrays."""
+    q, k, v = (t.numpy().astype(np.float64).transpose(0, 2, 1, 3) for t in (q, k, v))
+    s = q @ k.transpose(0, 1, 3, 2) * q.shape[-1] ** -0.5
+    if mask is not None:
+        s = s + mask.numpy().astype(np.float64)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return paddle.to_tensor((p @ v).transpose(0, 2, 1, 3))
+
+
+INFERENCE_CASES = [  # (B, Nq, Nk, H, D, mask kind)
+    (2, 197, 197, 12, 64, None),       # EVA02-B-16 vision
+    (3, 77, 77, 8, 64, "causal"),      # text, causal mask
+    (2, 9, 23, 3, 64, "random"),       # Nq != Nk
+    (1, 5, 31, 5, 64, "causal"),       # Nq != Nk, causal; B * H = 5 heads for 2 threads
+    (3, 13, 13, 5, 32, None),          # D = 32; B * H = 15, odd
+    (1, 1, 1, 1, 8, None),
+]
+
+
+@pytest.mark.parametrize("b, nq, nk, h, d, mask_kind", INFERENCE_CASES, ids=str)
+def test_inference_attention_matches_sdpa(attn_op, b, nq, nk, h, d, mask_kind):
+    rng = np.random.RandomState(nq * 7 + nk)
+    q = leaf(rng.randn(b, nq, h, d))
+    k, v = (leaf(rng.randn(b, nk, h, d)) for _ in range(2))
+    mask = make_mask(mask_kind, nq, nk, rng)
+    with paddle.no_grad():
+        assert fused_attn._inference_op(q, k, v, mask)[0] is not None  # the kernel, not the fallback
+        y = fused_attn.attention(q, k, v, mask)
+        ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert y.shape == [b, nq, h, d]
+    assert_close(y, ref, 2 * TOL, "inference attention vs sdpa")
+    assert_close(y, attention_reference64(q, k, v, mask), 2 * TOL, "inference attention vs float64")
+
+
+def test_inference_attention_value_dim(attn_op):
+    """v may have another head dim than q and k: o is [B, Nq, H, Dv]."""
+    rng = np.random.RandomState(11)
+    q, k = paddle.randn([2, 6, 3, 16]), paddle.randn([2, 10, 3, 16])
+    v = paddle.to_tensor(rng.randn(2, 10, 3, 24).astype("float32"))
+    o = attn_op(q, k, v, None, 0.25)
+    assert o.shape == [2, 6, 3, 24]
+    assert_close(o, attention_reference64(q, k, v, None), 2 * TOL, "Dv != D")  # (scale 16^-0.5)
+
+
+def test_inference_attention_large_logits(attn_op):
+    """Logits of +-1e3 after the scale: finite, and the same as the float64 softmax."""
+    rng = np.random.RandomState(12)
+    q = paddle.to_tensor((np.sign(rng.randn(2, 20, 4, 16)) * 250).astype("float32"))
+    k = paddle.to_tensor(np.sign(rng.randn(2, 20, 4, 16)).astype("float32"))
+    v = paddle.to_tensor(rng.randn(2, 20, 4, 16).astype("float32"))
+    for mask in (None, causal(20)):
+        with paddle.no_grad():
+            y = fused_attn.attention(q, k, v, mask)
+        assert np.isfinite(y.numpy()).all()
+        assert_close(y, attention_reference64(q, k, v, mask), 2 * TOL, "±1e3 logits")
+
+
+def test_inference_attention_same_bits_for_any_thread_count(attn_op):
+    q, k, v = (paddle.randn([3, 40, 5, 32]) for _ in range(3))
+    outs = []
+    for threads in (1, 2, 3):
+        fused_norm.set_num_threads(threads)
+        outs.append(attn_op(q, k, v, causal(40), 0.2).numpy())
+    fused_norm.set_num_threads(0)
+    for o in outs[1:]:
+        np.testing.assert_array_equal(outs[0], o)
+
+
+def test_attention_with_grad_keeps_the_differentiable_path(attn_op):
+    """With gradients due the kernel (which has none) is skipped and the grads match sdpa's."""
+    rng = np.random.RandomState(13)
+    q, k, v = (leaf(rng.randn(2, 77, 8, 64)) for _ in range(3))
+    mask = causal(77)
+    assert fused_attn._inference_op(q, k, v, mask)[0] is None
+    dy = paddle.to_tensor(rng.randn(2, 77, 8, 64).astype("float32"))
+    y = fused_attn.attention(q, k, v, mask)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert not y.stop_gradient
+    assert_close(y, ref, 2 * TOL, "attention with grad")
+    for name, g, r in zip("qkv", grads(y, [q, k, v], dy), grads(ref, [q, k, v], dy)):
+        assert_close(g, r, 2 * TOL, f"attention d{name}")
+    # Constant inputs need no gradient even with grad enabled: the kernel takes them.
+    consts = [t.detach() for t in (q, k, v)]
+    assert fused_attn._inference_op(*consts, mask)[0] is not None
+    learned = paddle.to_tensor(rng.randn(77, 77).astype("float32"), stop_gradient=False)
+    assert fused_attn._inference_op(*consts, learned)[0] is None  # a mask that wants a gradient
+
+
+def test_inference_attention_fallbacks(attn_op):
+    rng = np.random.RandomState(14)
+    with paddle.no_grad():
+        q = paddle.to_tensor(rng.randn(2, 6, 4, 8).astype("float32"))
+        kv = paddle.to_tensor(rng.randn(2, 6, 2, 8).astype("float32"))  # grouped heads
+        assert fused_attn._inference_op(q, kv, kv, None)[0] is None
+        per_batch = paddle.to_tensor(rng.randn(2, 1, 6, 6).astype("float32"))
+        assert fused_attn._inference_op(q, q, q, per_batch)[0] is None
+        np.testing.assert_array_equal(fused_attn.attention(q, q, q, per_batch).numpy(),
+                                      F.scaled_dot_product_attention(q, q, q, attn_mask=per_batch).numpy())
+        old = fused_attn.USE_INFERENCE_OP
+        fused_attn.USE_INFERENCE_OP = False
+        try:
+            assert fused_attn._inference_op(q, q, q, None)[0] is None
+        finally:
+            fused_attn.USE_INFERENCE_OP = old
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (([2, 3, 4, 8], [2, 5, 4, 16], [2, 5, 4, 8], None), "k must be \\[B, Nk, H, D\\]"),
+        (([2, 3, 4, 8], [2, 5, 4, 8], [2, 6, 4, 8], None), "v must be \\[B, Nk, H, Dv\\]"),
+        (([2, 3, 4, 8], [2, 5, 4, 8], [2, 5, 4, 8], [5, 3]), "mask must be \\[Nq, Nk\\]"),
+        (([2, 3, 8], [2, 3, 8], [2, 3, 8], None), "must be \\[B, N, H, D\\]"),
+    ],
+    ids=["k-shape", "v-shape", "mask-shape", "rank"],
+)
+def test_inference_attention_clear_errors(attn_op, args, message):
+    *qkv, mask = args
+    with pytest.raises(Exception, match=message):
+        attn_op(*(paddle.ones(s) for s in qkv), None if mask is None else paddle.zeros(mask), 1.0)

@@ -3,7 +3,9 @@
 Paddle 3.3.1's CPU softmax uses a scalar exp (30 ms on [32, 12, 197, 197] scores with 2 threads;
 PyTorch 7.4 ms, this kernel 8.5 ms), and EVA02's rotary embedding costs a mul, a tiny matmul, a mul
 and an add per q/k (18 ms on [32, 197, 12, 64]; this kernel 2 ms). The kernels vectorise exp, fold
-the score scale and the additive mask into the softmax, and do RoPE in one pass.
+the score scale and the additive mask into the softmax, and do RoPE in one pass. For inference,
+attention itself is one kernel (evaclip_attention_fwd: MKL sgemm on the [B, N, H, D] layout, no
+transposes); it has no gradient, so training keeps the matmul + fused softmax path.
 bench/bench_attn.py measures them against the native math.
 
 Like fused_act, the kernels cover float32 CPU tensors in dygraph. Anything else (GPU, other dtypes,
@@ -97,15 +99,48 @@ def softmax(x, scale: float = 1.0, mask=None):
     return op(c(x), None if table is None else c(table), float(scale))
 
 
+# Switch for A/B runs: False keeps inference on the matmul + fused softmax path below.
+USE_INFERENCE_OP = True
+
+
+def _no_grad_due(*tensors):
+    return not paddle.is_grad_enabled() or all(t.stop_gradient for t in tensors)
+
+
+def _inference_op(q, k, v, mask):
+    """(op, mask table) when evaclip_attention_fwd can take this call, else (None, None). The op
+    has no gradient, so it is used only when none is due (no_grad, or nothing requires one)."""
+    if not USE_INFERENCE_OP:
+        return None, None
+    op = _op("evaclip_attention_fwd", q, k, v, *([] if mask is None else [mask]))
+    if op is None or not _no_grad_due(q, k, v, *([] if mask is None else [mask])):
+        return None, None
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4 or k.shape[1] == 0:
+        return None, None
+    (b, nq, h, d), (bk, nk, hk, dk) = q.shape, k.shape
+    if [bk, hk, dk] != [b, h, d] or list(v.shape[:3]) != [b, nk, h]:
+        return None, None
+    if mask is None:
+        return op, None
+    table = _mask_table([nq, nk], mask)
+    return (op, table) if table is not None else (None, None)
+
+
 @paddle.jit.not_to_static
 def attention(q, k, v, mask=None):
     """softmax(q k^T / sqrt(D) + mask) v for q, k, v [B, N, H, D] (the layout the model and
     F.scaled_dot_product_attention use), returned as [B, N, H, D].
 
-    The math of scaled_dot_product_attention's CPU path, with the scale and the mask folded into
-    the fused softmax. Where that kernel does not apply (GPU, other dtypes, static graphs, other
-    mask shapes, different head counts) this is F.scaled_dot_product_attention itself.
+    Inference (no gradient due) runs the evaclip_attention_fwd kernel: per head, sgemm on the
+    [B, N, H, D] buffers in place, softmax, sgemm, with no transposes. Otherwise this is the math
+    of scaled_dot_product_attention's CPU path, with the scale and the mask folded into the fused
+    softmax. Where neither kernel applies (GPU, other dtypes, static graphs, other mask shapes,
+    different head counts) this is F.scaled_dot_product_attention itself.
     """
+    op, table = _inference_op(q, k, v, mask)
+    if op is not None:
+        c = fused_norm._contiguous
+        return op(c(q), c(k), c(v), None if table is None else c(table), float(q.shape[-1] ** -0.5))
     usable = q.ndim == 4 and k.ndim == 4 and q.shape[2] == k.shape[2] == v.shape[2]
     scores = [q.shape[0], q.shape[2], q.shape[1], k.shape[1]] if usable else None
     if not usable or _softmax_op(q, mask, scores)[0] is None:
@@ -120,3 +155,10 @@ def available() -> bool:
     """True when the loaded op library has the RoPE and softmax kernels."""
     mod = fused_norm._module()
     return mod is not None and hasattr(mod, "evaclip_rope") and hasattr(mod, "evaclip_softmax")
+
+
+def inference_available() -> bool:
+    """True when the loaded op library has the inference attention kernel (built only where
+    Paddle ships MKL)."""
+    mod = fused_norm._module()
+    return mod is not None and hasattr(mod, "evaclip_attention_fwd")

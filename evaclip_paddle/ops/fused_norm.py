@@ -47,6 +47,15 @@ _CXX_FLAGS = ["-O3", "-g0", "-fopenmp", "-fno-trapping-math"]
 _NVCC_FLAGS = ["-O3"]
 _LINK_FLAGS = ["-fopenmp"]
 
+
+def _mkl_flags():
+    """(cxx, link) flags for the attention op's sgemm on Paddle's own libmklml_intel.so, or
+    ([], []) when this paddle has none (the op is then compiled out). Same as setup.py's."""
+    libs = os.path.join(os.path.dirname(paddle.__file__), "libs")
+    if not os.path.isfile(os.path.join(libs, "libmklml_intel.so")):
+        return [], []
+    return ["-DFUSED_LN_WITH_MKL"], [f"-L{libs}", "-lmklml_intel", f"-Wl,-rpath,{libs}"]
+
 _lock = threading.Lock()
 _state = {"module": None, "so": None, "how": None, "error": None, "implicit_tried": False, "warned": False}
 _clib = None
@@ -67,11 +76,14 @@ def _nvcc_found():
 
 
 def _jit_plan():
-    """(sources, cxx flags, key): the key changes with sources, flags, Paddle and Python."""
+    """(sources, cxx flags, link flags, key): the key changes with sources, flags, Paddle and
+    Python."""
     with_cuda = paddle.is_compiled_with_cuda() and _nvcc_found() and os.environ.get("FUSED_LN_CUDA") != "0"
-    cpu_files = ("fused_ln_cpu.cc", "fused_act_cpu.cc", "fused_attn_cpu.cc")
+    cpu_files = ("fused_ln_cpu.cc", "fused_act_cpu.cc", "fused_attn_cpu.cc", "fused_sdpa_cpu.cc")
     sources = [os.path.join(_SRC_DIR, name) for name in cpu_files]
-    cxx = list(_CXX_FLAGS)
+    mkl_cxx, mkl_link = _mkl_flags()
+    cxx = list(_CXX_FLAGS) + mkl_cxx
+    link = list(_LINK_FLAGS) + mkl_link
     if with_cuda:
         sources.append(os.path.join(_SRC_DIR, "fused_ln_cuda.cu"))
         cxx.append("-DFUSED_LN_WITH_CUDA")
@@ -79,15 +91,15 @@ def _jit_plan():
     for path in sources + [os.path.join(_SRC_DIR, name) for name in ("fused_ln.h", "cpu_common.h")]:
         with open(path, "rb") as f:
             h.update(f.read())
-    h.update(repr((cxx, _NVCC_FLAGS, _LINK_FLAGS, paddle.__version__, sys.version_info[:2])).encode())
+    h.update(repr((cxx, _NVCC_FLAGS, link, paddle.__version__, sys.version_info[:2])).encode())
     key = f"paddle{paddle.__version__}-{'cuda' if with_cuda else 'cpu'}-{h.hexdigest()[:12]}"
-    return sources, cxx, key
+    return sources, cxx, link, key
 
 
 def _jit_build(build_directory, verbose):
     from paddle.utils.cpp_extension import load
 
-    sources, cxx, key = _jit_plan()
+    sources, cxx, link, key = _jit_plan()
     build_directory = os.path.abspath(build_directory or os.path.join(_default_build_root(), key))
     os.makedirs(build_directory, exist_ok=True)  # load() does not create it
     lock_file = open(os.path.join(build_directory, ".lock"), "w")
@@ -103,7 +115,7 @@ def _jit_build(build_directory, verbose):
             sources=sources,
             extra_cxx_cflags=cxx,
             extra_cuda_cflags=list(_NVCC_FLAGS),
-            extra_ldflags=list(_LINK_FLAGS),
+            extra_ldflags=link,
             build_directory=build_directory,
             verbose=verbose,
         )
