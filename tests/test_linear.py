@@ -52,3 +52,15 @@ def test_no_grad_and_no_bias():
     assert y.stop_gradient
     np.testing.assert_allclose(y.numpy(), F.linear(x, w, b).numpy(), rtol=0, atol=TOL)
     np.testing.assert_allclose(lin.linear(x, w).numpy(), F.linear(x, w).numpy(), rtol=0, atol=TOL)
+
+
+def test_inference_path_uses_the_in_place_bias_kernel():
+    from evaclip_paddle.ops import fused_norm
+    x, w, b, _ = _tensors((6, 5), 48, 24)
+    assert lin._bias_op(x, b) is not None, "the fused_ln library (external_ops) is not built"
+    with paddle.no_grad():
+        y = lin.linear(x, w, b)
+    np.testing.assert_allclose(y.numpy(), F.linear(x, w, b).numpy(), rtol=0, atol=TOL)
+    op = fused_norm._module().evaclip_bias_add
+    with pytest.raises(Exception, match="bias size 23 differs"):
+        op(paddle.zeros([4, 24]), paddle.zeros([23]))

@@ -41,9 +41,26 @@ class _BiasAdd(PyLayer):
         return dy, db
 
 
-def _addmm(x, w, b):
-    """x @ w + b as one addmm on the flattened rows."""
-    y = paddle.addmm(b.unsqueeze(0), x.reshape([-1, x.shape[-1]]), w)
+def _bias_op(y, b):
+    """The fused_ln in-place bias kernel for float32 CPU tensors, else None."""
+    if y.dtype != paddle.float32 or b.dtype != paddle.float32 or not y.place.is_cpu_place():
+        return None
+    from ..ops import fused_norm
+    mod = fused_norm._module()
+    return getattr(mod, "evaclip_bias_add", None) if mod is not None else None
+
+
+def _addmm(x, w, b, untracked: bool = False):
+    """x @ w + b on the flattened rows. untracked: no autograd records this (no_grad, or a PyLayer
+    forward), so the bias may go onto the GEMM's output in place: one pass over it, where addmm
+    first copies the broadcast bias (+5 ms on [6304, 768] x [768, 2048])."""
+    x2 = x.reshape([-1, x.shape[-1]])
+    op = _bias_op(x2, b) if untracked else None
+    if op is not None:
+        y = paddle.matmul(x2, w)
+        op(y, b)
+    else:
+        y = paddle.addmm(b.unsqueeze(0), x2, w)
     return y.reshape(x.shape[:-1] + [w.shape[-1]])
 
 
@@ -51,7 +68,7 @@ class _Linear(PyLayer):
     @staticmethod
     def forward(ctx, x, w, b):
         ctx.save_for_backward(x, w)
-        return _addmm(x, w, b)
+        return _addmm(x, w, b, untracked=True)
 
     @staticmethod
     def backward(ctx, dy):
@@ -81,6 +98,8 @@ def linear(x, w, b=None):
     """F.linear(x, w, b) with the bias in the GEMM and its gradient as a GEMV (see module doc)."""
     if b is None or not (FAST_BIAS_GRAD and paddle.in_dynamic_mode() and paddle.get_device() == "cpu"):
         return F.linear(x, w, b)
-    if b.stop_gradient or not paddle.is_grad_enabled():
+    if not paddle.is_grad_enabled():
+        return _addmm(x, w, b, untracked=True)
+    if b.stop_gradient:
         return _addmm(x, w, b)
     return _Linear.apply(x, w, b)
