@@ -1,12 +1,14 @@
 // Pieces shared by the float32 CPU kernels outside fused_ln_cpu.cc (fused_act_cpu.cc,
-// fused_attn_cpu.cc): the per-ISA clone attribute, a vectorisable exp, the parallel loop and the
-// input check. Everything has internal linkage, so each file gets its own copy.
+// fused_attn_cpu.cc, fused_sdpa_cpu.cc): the per-ISA clone attribute, a vectorisable exp, a softmax
+// row, the parallel loop and the input check. Everything has internal linkage, so each file gets
+// its own copy.
 #pragma once
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 
 #include "paddle/extension.h"
 
@@ -45,6 +47,39 @@ FA_INLINE float exp_approx(float x) {
   float scale;
   std::memcpy(&scale, &bits, sizeof scale);
   return x < lo ? 0.f : e * scale;  // (a NaN input fails every comparison and stays NaN)
+}
+
+// One row: y = softmax(x * scale + mask) (mask may be null; y may be x). Three passes over a row
+// that stays in L1: z = x * scale + mask and its max (z kept in y), e = exp(z - max) and its sum,
+// y = e / sum. Max-subtracted, so large logits stay finite; z = -inf gives exp_approx(-inf) = 0
+// exactly. (Each simd lane reads and writes only its own index, so y == x is safe.)
+FA_INLINE void softmax_row(const float* x, const float* mask, float scale, float* y, int64_t len) {
+  float mx = -std::numeric_limits<float>::infinity();
+  if (mask != nullptr) {
+#pragma omp simd reduction(max : mx)
+    for (int64_t i = 0; i < len; ++i) {
+      const float z = x[i] * scale + mask[i];
+      y[i] = z;
+      mx = z > mx ? z : mx;
+    }
+  } else {
+#pragma omp simd reduction(max : mx)
+    for (int64_t i = 0; i < len; ++i) {
+      const float z = x[i] * scale;
+      y[i] = z;
+      mx = z > mx ? z : mx;
+    }
+  }
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < len; ++i) {
+    const float e = exp_approx(y[i] - mx);
+    y[i] = e;
+    sum += e;
+  }
+  const float inv = 1.f / sum;
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i) y[i] *= inv;
 }
 
 void check_f32_cpu(const char* op, const paddle::Tensor& t, const char* what) {

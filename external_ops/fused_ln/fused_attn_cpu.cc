@@ -12,7 +12,6 @@
 //    vectorised exp_approx and folds the scale and the mask add into its first pass.
 //
 // Both parallelise over rows in chunks of ~kBlock elements, like the SwiGLU kernels.
-#include <limits>
 #include <vector>
 
 #include "cpu_common.h"
@@ -95,42 +94,12 @@ RopeShape rope_shape(const paddle::Tensor& x, const paddle::Tensor& cos, const p
 // ---- softmax ----------------------------------------------------------------------------------
 
 // Rows [r0, r0 + n) of x viewed as [rows, len]; row r adds mask row r % mask_rows (mask may be
-// null). Three passes over a row that stays in L1: z = x * scale + mask and its max (z kept in
-// y), e = exp(z - max) and its sum, y = e / sum. z = -inf gives exp_approx(-inf) = 0 exactly.
+// null).
 FA_CLONES void softmax_rows(const float* __restrict x, const float* __restrict mask,
                             int64_t mask_rows, float scale, float* __restrict y, int64_t r0,
                             int64_t n, int64_t len) {
-  for (int64_t r = r0; r < r0 + n; ++r) {
-    const float* xr = x + r * len;
-    float* yr = y + r * len;
-    float mx = -std::numeric_limits<float>::infinity();
-    if (mask != nullptr) {
-      const float* mr = mask + (r % mask_rows) * len;
-#pragma omp simd reduction(max : mx)
-      for (int64_t i = 0; i < len; ++i) {
-        const float z = xr[i] * scale + mr[i];
-        yr[i] = z;
-        mx = z > mx ? z : mx;
-      }
-    } else {
-#pragma omp simd reduction(max : mx)
-      for (int64_t i = 0; i < len; ++i) {
-        const float z = xr[i] * scale;
-        yr[i] = z;
-        mx = z > mx ? z : mx;
-      }
-    }
-    float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t i = 0; i < len; ++i) {
-      const float e = exp_approx(yr[i] - mx);
-      yr[i] = e;
-      sum += e;
-    }
-    const float inv = 1.f / sum;
-#pragma omp simd
-    for (int64_t i = 0; i < len; ++i) yr[i] *= inv;
-  }
+  for (int64_t r = r0; r < r0 + n; ++r)
+    softmax_row(x + r * len, mask ? mask + (r % mask_rows) * len : nullptr, scale, y + r * len, len);
 }
 
 // dx = scale * y * (dy - sum(dy * y)) per row.

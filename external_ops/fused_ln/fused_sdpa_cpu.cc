@@ -13,7 +13,6 @@
 // keeps the matmul + softmax path).
 #ifdef FUSED_LN_WITH_MKL
 
-#include <limits>
 #include <vector>
 
 #include "cpu_common.h"
@@ -35,36 +34,11 @@ struct AttnShape {
   int64_t b, nq, nk, h, d, dv;
 };
 
-// In-place softmax of rows [0, n) of s [n, len] plus the optional mask [n, len] (already scaled
-// by the sgemm). Max-subtracted, so large logits stay finite; a -inf entry gives exactly 0.
-FA_CLONES void softmax_inplace(float* __restrict s, const float* __restrict mask, int64_t n,
-                               int64_t len) {
-  for (int64_t r = 0; r < n; ++r) {
-    float* sr = s + r * len;
-    float mx = -std::numeric_limits<float>::infinity();
-    if (mask != nullptr) {
-      const float* mr = mask + r * len;
-#pragma omp simd reduction(max : mx)
-      for (int64_t i = 0; i < len; ++i) {
-        const float z = sr[i] + mr[i];
-        sr[i] = z;
-        mx = z > mx ? z : mx;
-      }
-    } else {
-#pragma omp simd reduction(max : mx)
-      for (int64_t i = 0; i < len; ++i) mx = sr[i] > mx ? sr[i] : mx;
-    }
-    float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t i = 0; i < len; ++i) {
-      const float e = exp_approx(sr[i] - mx);
-      sr[i] = e;
-      sum += e;
-    }
-    const float inv = 1.f / sum;
-#pragma omp simd
-    for (int64_t i = 0; i < len; ++i) sr[i] *= inv;
-  }
+// In-place softmax of rows [0, n) of s [n, len] plus the optional mask [n, len] (s is already
+// scaled by the sgemm).
+FA_CLONES void softmax_inplace(float* s, const float* __restrict mask, int64_t n, int64_t len) {
+  for (int64_t r = 0; r < n; ++r)
+    softmax_row(s + r * len, mask ? mask + r * len : nullptr, 1.f, s + r * len, len);
 }
 
 // One (b, h) head: S = scale * Q K^T, softmax, O = P V. `scratch` holds nq * nk floats.
