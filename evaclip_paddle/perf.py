@@ -61,9 +61,8 @@ _BLOCKTIME_MS = 1
 def omp_blocktime(ms: int = None) -> bool:
     """How long idle Intel-OpenMP workers spin before sleeping (iomp5's default: 200 ms).
 
-    Paddle's oneDNN/MKL kernels run on libiomp5 while Paddle's own CPU kernels and our custom ops
-    run on libgomp: after every matmul, iomp5's spinning workers steal the cores the next libgomp
-    op needs (measured: a fused LayerNorm between matmuls 4.8 ms instead of 0.9 ms when each op is
+    Paddle's kernels (oneDNN/MKL and its own) run on libiomp5 while our custom ops run on libgomp:
+    after every matmul, iomp5's spinning workers steal the cores the next libgomp op needs (measured: a fused LayerNorm between matmuls 4.8 ms instead of 0.9 ms when each op is
     synchronised). EVACLIP_KMP_BLOCKTIME=<ms> or 'default' (leave it); a user's KMP_BLOCKTIME wins.
     """
     if "KMP_BLOCKTIME" in os.environ:

@@ -3,7 +3,8 @@
 Paddle's CPU column reduction (the bias grad of a broadcast add: sum of dy over all rows) runs
 ~70x slower than a GEMV: on [1576, 2048] it takes ~22 ms, ones[1, M] @ dy ~0.3 ms. Its broadcast
 bias add is slow too (13 ms on [6304, 2048] against 4 ms for a same-shape add), so the forward
-uses addmm, whose GEMM accumulates onto the broadcast bias. The math is the same x @ W + b.
+adds the bias in place after the GEMM where autograd does not record it, and uses addmm (whose
+GEMM accumulates onto the broadcast bias) where it does. The math is the same x @ W + b.
 """
 from __future__ import annotations
 
@@ -43,11 +44,8 @@ class _BiasAdd(PyLayer):
 
 def _bias_op(y, b):
     """The fused_ln in-place bias kernel for float32 CPU tensors, else None."""
-    if y.dtype != paddle.float32 or b.dtype != paddle.float32 or not y.place.is_cpu_place():
-        return None
-    from ..ops import fused_norm
-    mod = fused_norm._module()
-    return getattr(mod, "evaclip_bias_add", None) if mod is not None else None
+    from ..ops.fused_act import _op
+    return _op("evaclip_bias_add", y, b)
 
 
 def _addmm(x, w, b, untracked: bool = False):
