@@ -3,8 +3,10 @@
     python bench/bench_infer.py [--batch 32] [--threads 2] [--rounds 2] [--iters 3] [--out result.json]
 
 Engines (each measured in its own subprocess, rounds alternate between them so that a noisy,
-shared machine hits all of them alike): ours fp32 (oneDNN) and bf16 (oneDNN bf16), open_clip
-EVA02-B-16 fp32 and bf16 autocast; random weights, same batch, same thread count. Also measures
+shared machine hits all of them alike): ours fp32 (the CPU-kernel program the predictor picks for
+fp32 on CPU, and the portable oneDNN program as ours-fp32/native) and bf16 (oneDNN bf16), open_clip
+EVA02-B-16 fp32 (as is, and with our predictor's heap setting as openclip-fp32/mallopt) and bf16
+autocast; random weights, same batch, same thread count. Also measures
 this machine's bf16 GEMM peak (torch bf16 matmul and a Paddle Inference oneDNN-bf16 MLP stack) and
 reports the fraction of it our bf16 predictor reaches (model FLOPs / time / peak).
 """
@@ -18,7 +20,10 @@ import sys
 import tempfile
 import time
 
-ENGINES = ("ours-fp32", "ours-bf16", "openclip-fp32", "openclip-bf16")
+# "<engine>/<variant>": ours-fp32/native runs the portable program where the default (auto) runs
+# the CPU-kernel one; openclip-fp32/mallopt is open_clip with the heap setting our predictor makes
+# (perf.tune_malloc), to show how much of the gap is that setting.
+ENGINES = ("ours-fp32", "ours-fp32/native", "ours-bf16", "openclip-fp32", "openclip-fp32/mallopt", "openclip-bf16")
 
 
 def parse_args(argv=None):
@@ -71,23 +76,28 @@ def _timeit(fn, warmup, iters, cpu=None):
     return ts, out
 
 
-def worker_ours(a, precision):
+def worker_ours(a, precision, variant):
     import numpy as np
     from evaclip_paddle.inference import EVACLIPPredictor
 
-    pred = EVACLIPPredictor(a.export_dir, threads=a.threads, precision=precision, max_batch=a.batch)
+    pred = EVACLIPPredictor(a.export_dir, threads=a.threads, precision=precision, max_batch=a.batch,
+                            kernels=variant or "auto")
     tower = pred.tower("image")
     s = pred.meta["config"]["vision_cfg"]["image_size"]
     x = np.random.RandomState(0).randn(a.batch, 3, s, s).astype("float32")
     cpu = []
     ts, out = _timeit(lambda: tower(x), a.warmup, a.iters, cpu)
-    return {"times": ts, "cpu_times": cpu, "precision_used": tower.precision_used, "out": out}
+    return {"times": ts, "cpu_times": cpu, "precision_used": f"{tower.precision_used} {tower.program}", "out": out}
 
 
-def worker_openclip(a, precision):
+def worker_openclip(a, precision, variant):
     import numpy as np
     import open_clip
     import torch
+
+    if variant == "mallopt":
+        from evaclip_paddle.perf import tune_malloc
+        assert tune_malloc(), "mallopt failed"
 
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)  # same random weights in every worker, so bf16 and fp32 outputs compare
@@ -100,7 +110,7 @@ def worker_openclip(a, precision):
             return model(x).float().numpy()
     cpu = []
     ts, out = _timeit(run, a.warmup, a.iters, cpu)
-    return {"times": ts, "cpu_times": cpu, "precision_used": precision, "out": out}
+    return {"times": ts, "cpu_times": cpu, "precision_used": f"{precision} {variant or 'eager'}", "out": out}
 
 
 def worker_peak(a):
@@ -134,9 +144,10 @@ def run_worker(a):
     if a.worker == "peak":
         res = worker_peak(a)
     else:
-        kind, precision = a.worker.split("-")
-        res = (worker_ours if kind == "ours" else worker_openclip)(a, precision)
-        np.save(os.path.join(a.export_dir, f"out_{a.worker}.npy"), res.pop("out"))
+        engine, _, variant = a.worker.partition("/")
+        kind, precision = engine.split("-")
+        res = (worker_ours if kind == "ours" else worker_openclip)(a, precision, variant)
+        np.save(os.path.join(a.export_dir, f"out_{a.worker.replace('/', '_')}.npy"), res.pop("out"))
     print("RESULT " + json.dumps(res), flush=True)
 
 
@@ -211,7 +222,7 @@ def main(argv=None):
             row["frac_bf16_peak"] = flops / med[e] / peak_rate
         rows.append(row)
     agree = {}
-    for lo, hi in (("ours-bf16", "ours-fp32"), ("openclip-bf16", "openclip-fp32")):
+    for lo, hi in (("ours-bf16", "ours-fp32"), ("ours-fp32_native", "ours-fp32"), ("openclip-bf16", "openclip-fp32")):
         f1, f2 = (os.path.join(a.workdir, f"out_{x}.npy") for x in (lo, hi))
         if os.path.isfile(f1) and os.path.isfile(f2):
             u, v = np.load(f1), np.load(f2)

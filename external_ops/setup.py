@@ -55,7 +55,7 @@ def want_cuda():
 # setuptools wants source paths relative to the setup.py directory.
 os.chdir(HERE)
 sources = ["fused_ln/fused_ln_cpu.cc", "fused_ln/fused_act_cpu.cc", "fused_ln/fused_attn_cpu.cc",
-           "fused_ln/fused_sdpa_cpu.cc"]
+           "fused_ln/fused_sdpa_cpu.cc", "fused_ln/fused_gemm_cpu.cc"]
 MKL_CXX, MKL_LINK = mkl_flags()
 if want_cuda():
     ext = CUDAExtension(

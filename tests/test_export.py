@@ -34,10 +34,16 @@ def exported(request, tmp_path_factory):
     return request.param, m, out, meta
 
 
+CPU_KERNELS = export_mod.cpu_kernels_available()
+
+
+@pytest.mark.parametrize("kernels", ["auto", "native"])
 @pytest.mark.parametrize("batch", [1, 7])
-def test_inference_matches_dygraph(exported, batch):
+def test_inference_matches_dygraph(exported, batch, kernels):
+    """Both programs of a tower: the portable one and, where the op library has the MKL kernels
+    (CI builds it), the CPU fp32 one that 'auto' picks on CPU."""
     name, m, out, _ = exported
-    pred = EVACLIPPredictor(out, threads=2)
+    pred = EVACLIPPredictor(out, threads=2, kernels=kernels)
     cfg = m.cfg
     rng = np.random.RandomState(batch)
     img = rng.randn(batch, 3, cfg.vision_cfg.image_size, cfg.vision_cfg.image_size).astype("float32")
@@ -51,6 +57,8 @@ def test_inference_matches_dygraph(exported, batch):
     assert np.abs(ref_i).max() > 0.1 and np.abs(ref_t).max() > 0.1  # not vacuously small
     np.testing.assert_allclose(got_i, ref_i, atol=1e-4, rtol=0)
     np.testing.assert_allclose(got_t, ref_t, atol=1e-4, rtol=0)
+    want = "cpu_kernels" if kernels == "auto" and CPU_KERNELS else "portable"
+    assert pred.tower("image").program == pred.tower("text").program == want
     n = pred.encode_image(img)  # normalised by default
     np.testing.assert_allclose(np.linalg.norm(n, axis=1), 1.0, atol=1e-5)
 
@@ -60,7 +68,22 @@ def test_export_metadata(exported):
     with open(os.path.join(out, "export.json")) as f:
         disk = json.load(f)
     assert disk == json.loads(json.dumps(meta))
-    assert disk["model"] == name and disk["embed_dim"] == m.cfg.embed_dim and disk["custom_ops"] is None
+    assert disk["model"] == name and disk["embed_dim"] == m.cfg.embed_dim
+    for t in disk["towers"].values():
+        assert t["custom_ops"] == []  # the portable programs are plain Paddle
+    if CPU_KERNELS:
+        assert {"evaclip_linear_fwd", "evaclip_attention_fwd"} <= set(disk["custom_ops"]["names"])
+        for tower, t in disk["towers"].items():
+            v = t["cpu_kernels"]
+            assert v["model_file"] == f"{tower}/cpu/model.json" and "evaclip_linear_fwd" in v["custom_ops"]
+            assert v["params_file"] == t["params_file"]  # identical parameters are stored once
+            assert not os.path.exists(os.path.join(out, tower, "cpu", "model.pdiparams"))
+        # tracing the variant switched the model's kernel flags on; they are back as they were
+        assert not any(getattr(x, "fused", False) for x in m.sublayers())
+        from evaclip_paddle.ops import fused_act
+        assert not fused_act._STATIC_TRACE["on"]
+    else:
+        assert disk["custom_ops"] is None and not any("cpu_kernels" in t for t in disk["towers"].values())
     assert disk["towers"]["image"]["input"] == {"name": "image", "shape": [-1, 3, 32, 32], "dtype": "float32"}
     assert disk["towers"]["text"]["input"] == {"name": "text", "shape": [-1, 77], "dtype": "int64"}
     for t in disk["towers"].values():
@@ -203,3 +226,35 @@ def test_fused_norm_model_exports(tmp_path):
     subprocess.run([sys.executable, "-c", code, out, str(tmp_path / "x.npy"), str(tmp_path / "y.npy")],
                    check=True, env=env, timeout=300)
     np.testing.assert_allclose(np.load(tmp_path / "y.npy"), ref, atol=1e-4)
+
+
+@pytest.mark.skipif(not CPU_KERNELS, reason="needs the fused_ln op library with its MKL kernels (CI builds it)")
+def test_cpu_kernel_program(exported, tmp_path):
+    """The CPU variant runs its linears, attention, RoPE and norms as our kernels (no native
+    softmax, norm or activation is left in it); kernels='cpu' fails clearly where it cannot be used."""
+    import collections
+    import re
+
+    name, m, out, meta = exported
+    for tower in ("image", "text"):
+        with open(os.path.join(out, meta["towers"][tower]["cpu_kernels"]["model_file"])) as f:
+            ops = collections.Counter(re.findall(r'"#":"[0-9]+\.([A-Za-z0-9_]+)"', f.read()))
+        n_blocks = (m.cfg.vision_cfg if tower == "image" else m.cfg.text_cfg).layers
+        assert ops["evaclip_attention_fwd"] == n_blocks
+        assert ops["evaclip_linear_fwd"] >= 4 * n_blocks
+        assert not {"softmax", "layer_norm", "gelu", "silu", "swish"} & set(ops), ops
+        assert ops["matmul"] <= 1  # the output projection (one small GEMM) may stay native
+    pred = EVACLIPPredictor(out, threads=2, kernels="cpu")
+    assert pred.tower("image").program == "cpu_kernels"
+    plain = str(tmp_path / "plain")
+    export_model(m, plain, towers=["image"], verify=False, cpu_kernels=False)
+    assert "cpu_kernels" not in json.load(open(os.path.join(plain, "export.json")))["towers"]["image"]
+    with pytest.raises(ExportError, match="no CPU-kernel 'image' program"):
+        EVACLIPPredictor(plain, kernels="cpu").tower("image")
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        EVACLIPPredictor(plain, kernels="fast")
+    # Re-exporting without the variant removes the old one.
+    export_model(m, out + "_again", towers=["image"], verify=False)
+    assert os.path.isdir(os.path.join(out + "_again", "image", "cpu"))
+    export_model(m, out + "_again", towers=["image"], verify=False, cpu_kernels=False)
+    assert not os.path.exists(os.path.join(out + "_again", "image", "cpu"))

@@ -22,6 +22,8 @@ from typing import Callable, Iterable, Iterator, List, Optional
 
 import numpy as np
 
+from .predictor import KERNELS_HELP
+
 MANIFEST = "manifest.json"
 CHUNK_DIR = "chunks"
 FINAL_FILES = ("embeddings.npy", "ids.jsonl", "errors.jsonl")
@@ -197,7 +199,7 @@ def run(export_dir: str, out_dir: str, images: Optional[str] = None, texts: Opti
         batch_size: int = 32, chunk_size: int = 1024, workers: int = 4, normalize: bool = True,
         max_batches: Optional[int] = None, restart: bool = False, keep_chunks: bool = False,
         progress: bool = True, predictor=None, device: str = "cpu", threads: Optional[int] = None,
-        precision: Optional[str] = None, onednn: bool = True) -> dict:
+        precision: Optional[str] = None, onednn: bool = True, kernels: str = "auto") -> dict:
     """Embeds images or texts into out_dir (see the module doc); returns a summary dict."""
     if (images is None) == (texts is None):
         raise ValueError("give exactly one of images= (folder or list file) and texts= (text file)")
@@ -220,7 +222,7 @@ def run(export_dir: str, out_dir: str, images: Optional[str] = None, texts: Opti
     if predictor is None:
         from .predictor import EVACLIPPredictor
         predictor = EVACLIPPredictor(export_dir, device=device, threads=threads, precision=precision,
-                                     onednn=onednn, max_batch=batch_size)
+                                     onednn=onednn, max_batch=batch_size, kernels=kernels)
     if kind not in predictor.towers:
         raise ValueError(f"{export_dir}: this export has no {kind} tower (it has: {', '.join(predictor.towers)})")
     with open(os.path.join(predictor.export_dir, "export.json"), "rb") as f:
@@ -321,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
                    help="default: the precision recorded at export")
     p.add_argument("--no-onednn", dest="onednn", action="store_false")
+    p.add_argument("--kernels", choices=["auto", "native", "cpu"], default="auto", help=KERNELS_HELP)
     p.add_argument("--no-normalize", dest="normalize", action="store_false", help="keep raw (unnormalised) features")
     p.add_argument("--max-batches", type=int, default=None,
                    help="stop after this many batches, as an interruption would (testing resume)")
@@ -336,7 +339,8 @@ def main(argv=None) -> int:
         summary = run(a.export, a.out, images=a.images, texts=a.texts, batch_size=a.batch_size,
                       chunk_size=a.chunk_size, workers=a.workers, normalize=a.normalize, max_batches=a.max_batches,
                       restart=a.restart, keep_chunks=a.keep_chunks, progress=a.progress, device=a.device,
-                      threads=a.threads, precision=a.precision, onednn=a.onednn)
+                      threads=a.threads, precision=a.precision, onednn=a.onednn,
+                      kernels=a.kernels)
     except (ResumeError, FileNotFoundError, ValueError) as e:
         print(f"evaclip-embed: error: {e}", file=sys.stderr)
         return 2

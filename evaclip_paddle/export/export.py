@@ -56,14 +56,19 @@ class _TextEncoder(paddle.nn.Layer):
 def _rope_batch_broadcast(orig):
     """apply_rope with tables broadcast over the batch dim only: the same values.
 
-    The x * cos + (x @ rot) * sin form gets [N, H, D] tables (no reshape of x, which oneDNN copies);
-    any other form runs on [B, H, N, D] with [N, D] tables."""
+    The x * cos + (x @ rot) * sin form gets [N, H, D] tables (no reshape of x, which oneDNN copies)
+    and the rotation as a constant of the program rather than a saved buffer, so the program has the
+    parameters of the CPU-kernel variant (which has no rotation matrix) and they are stored once.
+    Any other form runs on [B, H, N, D] with [N, D] tables."""
+    from ..model.rope import pair_rotation_matrix
+
     def apply_rope(x, cos, sin, *rest):
         if cos.ndim != 3:  # per-sample tables (patch dropout): keep the original
             return orig(x, cos, sin, *rest)
         n, h, d = x.shape[1], x.shape[2], x.shape[3]
         if len(rest) == 1 and rest[0].ndim == 2:
-            return x * cos.expand([n, h, d]) + paddle.matmul(x, rest[0]) * sin.expand([n, h, d])
+            rot = paddle.to_tensor(pair_rotation_matrix(d), dtype=x.dtype)
+            return x * cos.expand([n, h, d]) + paddle.matmul(x, rot) * sin.expand([n, h, d])
         xt = x.transpose([0, 2, 1, 3])
         return orig(xt, cos.squeeze(1), sin.squeeze(1), *rest).transpose([0, 2, 1, 3])
     return apply_rope
@@ -123,6 +128,71 @@ class _Rewrites:
         return False
 
 
+class _CpuKernels:
+    """Context manager: trace with the fused_ln CPU kernels (custom ops) in place of the native
+    math, for the CPU fp32 variant of a program. Every layer with a `fused` switch (norms,
+    attention, MLPs) has it on while tracing, and ops.fused_act.static_trace lets the kernels into
+    the static program: linears as MKL sgemm + bias (+ GELU) in one op, RoPE, attention, the
+    SwiGLU gate and the norms. Paddle Inference runs those ops on CPU only."""
+
+    def __init__(self, model):
+        self.model, self._saved, self._trace = model, [], None
+
+    def __enter__(self):
+        from ..ops import fused_act
+        self._saved = [(m, m.fused) for m in self.model.sublayers(include_self=True)
+                       if isinstance(getattr(m, "fused", None), bool)]
+        for m, _ in self._saved:
+            m.fused = True
+        self._trace = fused_act.static_trace()
+        self._trace.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._trace.__exit__(*exc)
+        for m, flag in self._saved:
+            m.fused = flag
+        return False
+
+
+def cpu_kernels_available() -> bool:
+    """The loaded op library has the kernels a CPU-kernel program needs (the linear op is built
+    only where Paddle ships MKL)."""
+    try:
+        from ..ops import fused_norm
+        mod = fused_norm._module()
+    except Exception:  # the ops package is optional
+        return False
+    return mod is not None and all(hasattr(mod, op) for op in ("evaclip_linear_fwd", "evaclip_attention_fwd"))
+
+
+def _same_file(a: str, b: str) -> bool:
+    if os.path.getsize(a) != os.path.getsize(b):
+        return False
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        while True:
+            x, y = fa.read(1 << 22), fb.read(1 << 22)
+            if x != y:
+                return False
+            if not x:
+                return True
+
+
+def _save_cpu_variant(model, cfg, out_dir, tower, wrapper, spec, portable_params):
+    """Traces and saves `<tower>/cpu/model.json`; its parameters are written once when they are
+    byte-identical to the portable program's (the usual case: same parameters, same order)."""
+    with _CpuKernels(model):
+        static = paddle.jit.to_static(wrapper(model), input_spec=[spec], full_graph=True)
+        prefix = os.path.join(out_dir, tower, "cpu", "model")
+        paddle.jit.save(static, prefix)
+    params = f"{tower}/cpu/model.pdiparams"
+    if _same_file(prefix + ".pdiparams", os.path.join(out_dir, portable_params)):
+        os.remove(prefix + ".pdiparams")
+        params = portable_params
+    return {"model_file": f"{tower}/cpu/model.json", "params_file": params, "onednn": False,
+            "custom_ops": _custom_ops(prefix + ".json")}
+
+
 def _keep_python_helpers():
     """Helpers that only pick Python objects run as plain Python while tracing: dy2static cannot
     convert the try/except import in model.norm._fused_ops (the fused-norm op path)."""
@@ -169,13 +239,17 @@ def _write_json(obj, path: str):
 
 def export_model(model, out_dir: str, towers: Sequence[str] = TOWERS, precision: str = "fp32",
                  model_name: Optional[str] = None, verify: bool = True, threads: Optional[int] = None,
-                 op_library: Optional[str] = None, verify_tol: float = 1e-4, rewrites: bool = True) -> Dict:
+                 op_library: Optional[str] = None, verify_tol: float = 1e-4, rewrites: bool = True,
+                 cpu_kernels: Optional[bool] = None) -> Dict:
     """Exports `model` (an EVACLIP in fp32) into out_dir; returns the export metadata.
 
     precision is the default run precision recorded for predictors (weights stay fp32: oneDNN bf16
     and GPU mixed precision convert at load time). verify: run each saved program once in Paddle
     Inference and compare with dygraph (relative max error <= verify_tol, else an error).
     rewrites: trace with the oneDNN-friendly equivalents of slow patterns (see _Rewrites).
+    cpu_kernels: also save each tower as a CPU fp32 program on the fused_ln kernels (see
+    _CpuKernels), which predictors prefer for fp32 on CPU; None: when the op library has them.
+    The portable program (any device, any precision) is always written.
     """
     from ..factory import PRECISIONS
 
@@ -188,6 +262,11 @@ def export_model(model, out_dir: str, towers: Sequence[str] = TOWERS, precision:
     dtypes = {str(p.dtype) for p in model.parameters()}
     if dtypes != {"paddle.float32"}:
         raise ValueError(f"export needs an fp32 model (create_model(..., precision='fp32')), found {sorted(dtypes)}")
+    if cpu_kernels is None:
+        cpu_kernels = cpu_kernels_available()
+    elif cpu_kernels and not cpu_kernels_available():
+        raise RuntimeError("cpu_kernels=True needs the fused_ln op library with its MKL kernels (build "
+                           "external_ops/ against a Paddle that ships libmklml_intel.so)")
     cfg = model.cfg
     was_training = model.training
     model.eval()
@@ -210,13 +289,23 @@ def export_model(model, out_dir: str, towers: Sequence[str] = TOWERS, precision:
                 prefix = os.path.join(out_dir, tower, "model")
                 paddle.jit.save(static, prefix)
             meta.setdefault("rewrites", {})[tower] = rw.applied
-            used_ops.update(_custom_ops(prefix + ".json"))
+            ops = _custom_ops(prefix + ".json")
+            used_ops.update(ops)
             meta["towers"][tower] = {
                 "model_file": f"{tower}/model.json", "params_file": f"{tower}/model.pdiparams",
+                "custom_ops": ops,
                 "input": {"name": spec.name, "shape": [-1] + list(spec.shape[1:]),
                           "dtype": str(spec.dtype).split(".")[-1]},
                 "output": {"shape": [-1, cfg.embed_dim], "dtype": "float32", "normalized": False},
             }
+            cpu_dir = os.path.join(out_dir, tower, "cpu")
+            if os.path.isdir(cpu_dir):
+                shutil.rmtree(cpu_dir)  # a previous export's variant must not outlive this one
+            if cpu_kernels:
+                variant = _save_cpu_variant(model, cfg, out_dir, tower, wrappers[tower], spec,
+                                            meta["towers"][tower]["params_file"])
+                used_ops.update(variant["custom_ops"])
+                meta["towers"][tower]["cpu_kernels"] = variant
     finally:
         model.train(was_training)
 
@@ -264,16 +353,22 @@ def _verify(model, cfg, out_dir, meta, threads, op_library, tol):
 
 def _verify_tower(model, cfg, out_dir, tower, t, threads, tol):
     x = _sample_input(cfg, tower, 2)
-    pred = EncoderPredictor(os.path.join(out_dir, t["model_file"]), os.path.join(out_dir, t["params_file"]),
-                            threads=threads, input_dtype=t["input"]["dtype"])
-    got = pred(x)
     with paddle.no_grad():
         ref = (model.encode_image if tower == "image" else model.encode_text)(paddle.to_tensor(x)).numpy()
-    err = float(np.abs(got - ref).max() / max(float(np.abs(ref).max()), 1e-12))
-    if not err <= tol:
-        raise RuntimeError(f"{os.path.join(out_dir, t['model_file'])}: Paddle Inference output differs from "
-                           f"dygraph by {err:.2e} (relative) > {tol:.0e}")
-    return {"batch": 2, "max_rel_err": err}
+    report = {"batch": 2}
+    programs = [("max_rel_err", t, True)]
+    if t.get("cpu_kernels"):
+        programs.append(("cpu_kernels_max_rel_err", t["cpu_kernels"], False))
+    for key, prog, onednn in programs:
+        pred = EncoderPredictor(os.path.join(out_dir, prog["model_file"]), os.path.join(out_dir, prog["params_file"]),
+                                threads=threads, input_dtype=t["input"]["dtype"], onednn=onednn)
+        got = pred(x)
+        err = float(np.abs(got - ref).max() / max(float(np.abs(ref).max()), 1e-12))
+        if not err <= tol:
+            raise RuntimeError(f"{os.path.join(out_dir, prog['model_file'])}: Paddle Inference output differs from "
+                               f"dygraph by {err:.2e} (relative) > {tol:.0e}")
+        report[key] = err
+    return report
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -288,6 +383,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="norm kernels in the exported program: native (off, the default: Paddle Inference "
                         "has its own fused oneDNN/GPU layer_norm, and the custom op makes oneDNN bf16 insert "
                         "reorders), the fused-norm custom op (on), or as the model config says")
+    p.add_argument("--cpu-kernels", choices=["auto", "on", "off"], default="auto",
+                   help="also write each tower as a CPU fp32 program on the fused_ln kernels (MKL sgemm "
+                        "linears, fused attention/RoPE/norms), which predictors use for fp32 on CPU: when the "
+                        "op library has them (auto), always (on: an error without them) or never (off)")
     p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the inference-vs-dygraph check")
     p.add_argument("--no-rewrites", dest="rewrites", action="store_false",
                    help="trace the dygraph code as is (no oneDNN-friendly op rewrites)")
@@ -306,8 +405,11 @@ def main(argv=None) -> int:
     model = create_model(args.model, pretrained=args.pretrained, fused_ln=fused, seed=args.seed)
     towers = TOWERS if args.tower == "both" else (args.tower,)
     meta = export_model(model, args.out, towers=towers, precision=args.precision, model_name=args.model,
-                        verify=args.verify, threads=args.threads, rewrites=args.rewrites)
-    summary = {t: meta["towers"][t]["model_file"] for t in meta["towers"]}
+                        verify=args.verify, threads=args.threads, rewrites=args.rewrites,
+                        cpu_kernels={"auto": None, "on": True, "off": False}[args.cpu_kernels])
+    summary = {t: [meta["towers"][t]["model_file"]] + ([meta["towers"][t]["cpu_kernels"]["model_file"]]
+                                                       if meta["towers"][t].get("cpu_kernels") else [])
+               for t in meta["towers"]}
     print(json.dumps({"out": args.out, "towers": summary, "custom_ops": meta["custom_ops"],
                       "verify": meta.get("verify")}, indent=2))
     return 0

@@ -26,6 +26,8 @@ from urllib.parse import parse_qs, urlparse
 
 import numpy as np
 
+from .predictor import KERNELS_HELP
+
 DEFAULT_MAX_BYTES = 16 * 1024 * 1024
 DEFAULT_MAX_BATCH = 32
 MAX_TEXT_CHARS = 10_000
@@ -226,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None)
     p.add_argument("--no-onednn", dest="onednn", action="store_false")
+    p.add_argument("--kernels", choices=["auto", "native", "cpu"], default="auto", help=KERNELS_HELP)
     p.add_argument("--verbose", action="store_true", help="log every request")
     return p
 
@@ -235,7 +238,7 @@ def main(argv=None) -> int:
     from .predictor import EVACLIPPredictor
 
     pred = EVACLIPPredictor(a.export, device=a.device, threads=a.threads, precision=a.precision, onednn=a.onednn,
-                            max_batch=a.max_batch)
+                            max_batch=a.max_batch, kernels=a.kernels)
     server = make_server(pred, a.host, a.port, a.max_bytes, a.max_batch, a.verbose)
     host, port = server.server_address[:2]
     print(f"evaclip-serve: {pred.meta.get('model')} on http://{host}:{port} (towers: {', '.join(pred.towers)})",

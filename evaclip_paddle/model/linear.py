@@ -12,6 +12,8 @@ import paddle
 import paddle.nn.functional as F
 from paddle.autograd import PyLayer
 
+from ..ops import fused_act
+
 # Off: plain F.linear / broadcast add (reference path; also used outside dygraph).
 FAST_BIAS_GRAD = True
 
@@ -44,8 +46,7 @@ class _BiasAdd(PyLayer):
 
 def _bias_op(y, b):
     """The fused_ln in-place bias kernel for float32 CPU tensors, else None."""
-    from ..ops.fused_act import _op
-    return _op("evaclip_bias_add", y, b)
+    return fused_act._op("evaclip_bias_add", y, b)
 
 
 def _addmm(x, w, b, untracked: bool = False):
@@ -94,6 +95,10 @@ def bias_add(y, b):
 
 def linear(x, w, b=None):
     """F.linear(x, w, b) with the bias in the GEMM and its gradient as a GEMV (see module doc)."""
+    if not paddle.in_dynamic_mode():
+        y = fused_act.linear_act(x, w, b)  # the MKL kernel in a static CPU-kernel trace, else None
+        if y is not None:
+            return y
     if b is None or not (FAST_BIAS_GRAD and paddle.in_dynamic_mode() and paddle.get_device() == "cpu"):
         return F.linear(x, w, b)
     if not paddle.is_grad_enabled():

@@ -86,7 +86,7 @@ class Attention(nn.Layer):
         q = linear(x, self.q_proj.weight, self.q_proj.bias).reshape(shape)
         k = linear(x, self.k_proj.weight, self.k_proj.bias).reshape(shape)
         v = linear(x, self.v_proj.weight, self.v_proj.bias).reshape(shape)
-        fused = self.fused and paddle.in_dynamic_mode()   # (export keeps its own rewrites of the native math)
+        fused = self.fused and fused_act.kernels_traceable()   # (a portable export keeps the native math)
         if rope is not None and fused:
             cos, sin = rope[0][..., 0, :], rope[1][..., 0, :]         # the kernel broadcasts the head axis
             q, k = fused_attn.rope(q, cos, sin), fused_attn.rope(k, cos, sin)
@@ -132,7 +132,11 @@ class Mlp(nn.Layer):
         self.fused = s.fused_ln     # external_ops GELU kernel where it applies (CPU fp32 dygraph)
 
     def forward(self, x):
-        h = fused_act.gelu(self.fc1(x)) if self.fused else F.gelu(self.fc1(x))
+        # A static CPU-kernel trace fuses fc1's bias and the GELU into its GEMM.
+        fuse = self.fused and self.fc1.world == 1
+        h = fused_act.linear_act(x, self.fc1.weight, self.fc1.bias, "gelu") if fuse else None
+        if h is None:
+            h = fused_act.gelu(self.fc1(x)) if self.fused else F.gelu(self.fc1(x))
         if self.ffn_ln is not None:
             h = self.ffn_ln(h)
         return self.fc2(h)

@@ -8,8 +8,9 @@ attention itself is one kernel (evaclip_attention_fwd: MKL sgemm on the [B, N, H
 transposes); it has no gradient, so training keeps the matmul + fused softmax path.
 bench/bench_attn.py measures them against the native math.
 
-Like fused_act, the kernels cover float32 CPU tensors in dygraph. Anything else (GPU, other dtypes,
-static graphs such as export, unsupported shapes, a library built before these ops existed, a
+Like fused_act, the kernels cover float32 CPU tensors in dygraph and in static_trace() (the
+CPU-kernel export programs). Anything else (GPU, other dtypes, other static graphs such as the
+portable export, unsupported shapes, a library built before these ops existed, a
 mask or rope table that wants a gradient: the ops give them none) takes the native Paddle math,
 which computes the same function.
 """
@@ -20,7 +21,7 @@ import paddle.nn.functional as F
 
 from ..model.rope import pair_rotation_matrix
 from . import fused_norm
-from .fused_act import _op
+from .fused_act import _op, static_tracing
 
 
 def _rope_op(x, cos, sin):
@@ -104,7 +105,8 @@ USE_INFERENCE_OP = True
 
 
 def _no_grad_due(*tensors):
-    return not paddle.is_grad_enabled() or all(t.stop_gradient for t in tensors)
+    # (a static CPU-kernel trace is an inference program)
+    return static_tracing() or not paddle.is_grad_enabled() or all(t.stop_gradient for t in tensors)
 
 
 def _inference_op(q, k, v, mask):

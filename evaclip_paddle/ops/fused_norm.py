@@ -79,7 +79,8 @@ def _jit_plan():
     """(sources, cxx flags, link flags, key): the key changes with sources, flags, Paddle and
     Python."""
     with_cuda = paddle.is_compiled_with_cuda() and _nvcc_found() and os.environ.get("FUSED_LN_CUDA") != "0"
-    cpu_files = ("fused_ln_cpu.cc", "fused_act_cpu.cc", "fused_attn_cpu.cc", "fused_sdpa_cpu.cc")
+    cpu_files = ("fused_ln_cpu.cc", "fused_act_cpu.cc", "fused_attn_cpu.cc", "fused_sdpa_cpu.cc",
+                 "fused_gemm_cpu.cc")
     sources = [os.path.join(_SRC_DIR, name) for name in cpu_files]
     mkl_cxx, mkl_link = _mkl_flags()
     cxx = list(_CXX_FLAGS) + mkl_cxx
@@ -88,7 +89,7 @@ def _jit_plan():
         sources.append(os.path.join(_SRC_DIR, "fused_ln_cuda.cu"))
         cxx.append("-DFUSED_LN_WITH_CUDA")
     h = hashlib.sha256()
-    for path in sources + [os.path.join(_SRC_DIR, name) for name in ("fused_ln.h", "cpu_common.h")]:
+    for path in sources + [os.path.join(_SRC_DIR, name) for name in ("fused_ln.h", "cpu_common.h", "mkl_min.h")]:
         with open(path, "rb") as f:
             h.update(f.read())
     h.update(repr((cxx, _NVCC_FLAGS, link, paddle.__version__, sys.version_info[:2])).encode())

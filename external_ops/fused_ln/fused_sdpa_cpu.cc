@@ -16,18 +16,10 @@
 #include <vector>
 
 #include "cpu_common.h"
+#include "mkl_min.h"
 #include "paddle/extension.h"
 
-// The few MKL entry points used (Paddle ships the library but no MKL headers).
-extern "C" {
-void cblas_sgemm(int layout, int transa, int transb, int m, int n, int k, float alpha,
-                 const float* a, int lda, const float* b, int ldb, float beta, float* c, int ldc);
-int MKL_Set_Num_Threads_Local(int nt);
-}
-
 namespace {
-
-constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
 
 // The shapes of one call; strides are in floats.
 struct AttnShape {
