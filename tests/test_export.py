@@ -88,13 +88,14 @@ def test_export_metadata(exported):
     assert disk["towers"]["text"]["input"] == {"name": "text", "shape": [-1, 77], "dtype": "int64"}
     for t in disk["towers"].values():
         assert all(os.path.isfile(os.path.join(out, t[k])) for k in ("model_file", "params_file"))
-    # EVA02 is traced with the oneDNN-friendly rewrites (parity above covers them), EVA01 needs none;
-    # the model code is left as it was.
+    # Traced with the oneDNN-friendly rewrites (parity above covers them): EVA02's image tower has
+    # two, EVA01's none, and every text tower's masked attention one; the model code is left as it was.
     want = ["rope_batch_broadcast", "silu_as_swish"] if m.cfg.vision_cfg.rope else []
-    assert disk["rewrites"] == {"image": want, "text": []}
+    assert disk["rewrites"] == {"image": want, "text": ["sdpa_masked_explicit"]}
     import paddle.nn.functional as F
     from evaclip_paddle.model import rope, transformer
     assert transformer.apply_rope is rope.apply_rope and F.silu.__module__.startswith("paddle")
+    assert F.scaled_dot_product_attention.__module__.startswith("paddle")
     spec = read_spec(out)
     assert spec["text"]["context_length"] == 77
     assert os.path.isfile(os.path.join(out, spec["text"]["vocab_file"]))

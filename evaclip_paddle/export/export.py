@@ -47,7 +47,8 @@ class _TextEncoder(paddle.nn.Layer):
 
 
 # ------------------------------------------------------------------------------------------------
-# Trace-time rewrites. Paddle Inference's oneDNN path is slow on two patterns of the dygraph code:
+# Trace-time rewrites. Paddle Inference's oneDNN path is slow on three patterns of the dygraph code:
+# Paddle's masked scaled_dot_product_attention (text tower, see _sdpa_masked_explicit),
 # a [N, 1, D] table broadcast over [B, N, H, D] (the RoPE multiply falls to a reference kernel, ~30x
 # slower than the same multiply on [B, H, N, D] with [N, D] tables) and silu, which has no oneDNN
 # kernel (so it runs in fp32 between bf16 reorders) while swish, the same function, is fused into the
@@ -74,6 +75,21 @@ def _rope_batch_broadcast(orig):
     return apply_rope
 
 
+def _sdpa_masked_explicit(orig):
+    """scaled_dot_product_attention with an additive mask (the text tower's causal mask) as its
+    plain matmul / softmax / matmul: Paddle's own static form of it runs as a oneDNN fused_matmul
+    that took 1.3 s per layer for EVA02-B-16 text at batch 32 (2 texts/s; this form 39 texts/s).
+    Calls without a mask, or with dropout, causal or scale arguments, keep the original."""
+    def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+                                     *args, **kwargs):
+        if attn_mask is None or dropout_p or is_causal or args or kwargs.get("scale") is not None:
+            return orig(query, key, value, attn_mask, dropout_p, is_causal, *args, **kwargs)
+        q, k, v = (t.transpose([0, 2, 1, 3]) for t in (query, key, value))
+        s = paddle.matmul(q, k, transpose_y=True) * (query.shape[-1] ** -0.5) + attn_mask
+        return paddle.matmul(paddle.nn.functional.softmax(s, axis=-1), v).transpose([0, 2, 1, 3])
+    return scaled_dot_product_attention
+
+
 def _same_rope(model, new, orig) -> bool:
     """The rewrite gives the dygraph values on a random input (guards against model-code changes)."""
     try:
@@ -92,7 +108,7 @@ class _Rewrites:
     """Context manager installing the rewrites into the model modules while tracing."""
 
     def __init__(self, model, tower: str, enabled: bool = True):
-        self.enabled = enabled and tower == "image"  # the text tower has neither pattern
+        self.enabled, self.tower = enabled, tower
         self.model, self.applied, self._undo = model, [], []
 
     def __enter__(self):
@@ -102,6 +118,13 @@ class _Rewrites:
 
         from ..model import transformer as tmod
 
+        if self.tower == "text" and hasattr(F, "scaled_dot_product_attention"):
+            sdpa = F.scaled_dot_product_attention
+            F.scaled_dot_product_attention = _sdpa_masked_explicit(sdpa)
+            self._undo.append(lambda: setattr(F, "scaled_dot_product_attention", sdpa))
+            self.applied.append("sdpa_masked_explicit")
+        if self.tower != "image":
+            return self
         vcfg = self.model.cfg.vision_cfg
         if vcfg.rope and hasattr(tmod, "apply_rope"):
             orig = tmod.apply_rope
