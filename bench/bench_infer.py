@@ -1,6 +1,7 @@
-"""Image-encoder inference throughput: our Paddle Inference predictor vs open_clip (PyTorch eager).
+"""Encoder inference throughput: our Paddle Inference predictor vs open_clip (PyTorch eager).
 
-    python bench/bench_infer.py [--batch 32] [--threads 2] [--rounds 2] [--iters 3] [--out result.json]
+    python bench/bench_infer.py [--tower image|text] [--batch 32] [--threads 2] [--rounds 2] [--iters 3]
+                                [--out result.json]
 
 Engines (each measured in its own subprocess, rounds alternate between them so that a noisy,
 shared machine hits all of them alike): ours fp32 (the CPU-kernel program the predictor picks for
@@ -30,6 +31,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="EVA02-CLIP-B-16", help="our model name")
     p.add_argument("--openclip-model", default="EVA02-B-16")
+    p.add_argument("--tower", choices=["image", "text"], default="image",
+                   help="encoder to time (text: the same token ids for both, EVA02-B-16's 77-token context)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=2, help="passes over all engines (alternating)")
@@ -47,6 +50,25 @@ def parse_args(argv=None):
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--export-dir", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
+
+
+def text_encoder_flops(cfg) -> float:
+    """Multiply-adds x2 of one text (full context) through the text tower (GEMMs and attention)."""
+    t, w = cfg.text_cfg.context_length, cfg.text_cfg.width
+    h = int(w * cfg.text_cfg.mlp_ratio)
+    per_block = 2 * t * w * 3 * w + 2 * 2 * t * t * w + 2 * t * w * w + 2 * 2 * t * w * h
+    return float(cfg.text_cfg.layers * per_block + 2 * w * cfg.embed_dim)
+
+
+def _inputs(cfg, tower, batch):
+    """Random pixels, or token ids (SOT, a few tokens, EOT) from the exporter's sampler."""
+    import numpy as np
+
+    from evaclip_paddle.export.export import _sample_input
+    if tower == "text":
+        return _sample_input(cfg, "text", batch)
+    s = cfg.vision_cfg.image_size
+    return np.random.RandomState(0).randn(batch, 3, s, s).astype("float32")
 
 
 def image_encoder_flops(cfg) -> float:
@@ -82,9 +104,9 @@ def worker_ours(a, precision, variant):
 
     pred = EVACLIPPredictor(a.export_dir, threads=a.threads, precision=precision, max_batch=a.batch,
                             kernels=variant or "auto")
-    tower = pred.tower("image")
-    s = pred.meta["config"]["vision_cfg"]["image_size"]
-    x = np.random.RandomState(0).randn(a.batch, 3, s, s).astype("float32")
+    import evaclip_paddle as ec
+    tower = pred.tower(a.tower)
+    x = _inputs(ec.get_model_config(a.model), a.tower, a.batch)
     cpu = []
     ts, out = _timeit(lambda: tower(x), a.warmup, a.iters, cpu)
     return {"times": ts, "cpu_times": cpu, "precision_used": f"{tower.precision_used} {tower.program}", "out": out}
@@ -101,13 +123,14 @@ def worker_openclip(a, precision, variant):
 
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)  # same random weights in every worker, so bf16 and fp32 outputs compare
-    model = open_clip.create_model(a.openclip_model, pretrained=None).visual.eval()
-    s = model.image_size[0] if isinstance(model.image_size, (tuple, list)) else model.image_size
-    x = torch.from_numpy(np.random.RandomState(0).randn(a.batch, 3, s, s).astype("float32"))
+    import evaclip_paddle as ec
+    full = open_clip.create_model(a.openclip_model, pretrained=None).eval()
+    x = torch.from_numpy(_inputs(ec.get_model_config(a.model), a.tower, a.batch))
+    encode = full.visual if a.tower == "image" else full.encode_text
 
     def run():
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            return model(x).float().numpy()
+            return encode(x).float().numpy()
     cpu = []
     ts, out = _timeit(run, a.warmup, a.iters, cpu)
     return {"times": ts, "cpu_times": cpu, "precision_used": f"{precision} {variant or 'eager'}", "out": out}
@@ -154,7 +177,7 @@ def run_worker(a):
 def spawn(a, worker: str) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", worker, "--export-dir", a.export_dir,
            "--wait-policy", a.wait_policy,
-           "--batch", str(a.batch), "--threads", str(a.threads), "--iters", str(a.iters), "--warmup", str(a.warmup),
+           "--tower", a.tower, "--model", a.model, "--batch", str(a.batch), "--threads", str(a.threads), "--iters", str(a.iters), "--warmup", str(a.warmup),
            "--openclip-model", a.openclip_model]
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads), GLOG_minloglevel="2")
     if a.wait_policy == "passive":  # read by both Paddle's (Intel) and torch's (GNU) OpenMP runtimes
@@ -182,15 +205,18 @@ def main(argv=None):
     if a.workdir is None:
         tmp = tempfile.TemporaryDirectory(prefix="bench_infer_")
         a.workdir = tmp.name
-    a.export_dir = a.workdir
+    a.export_dir = os.path.join(a.workdir, a.tower)
     cfg = ec.get_model_config(a.model)
-    flops = image_encoder_flops(cfg) * a.batch
-    if any(e.startswith("ours") for e in engines) and not os.path.isfile(os.path.join(a.workdir, "export.json")):
+    unit = "images" if a.tower == "image" else "texts"
+    flops = (image_encoder_flops if a.tower == "image" else text_encoder_flops)(cfg) * a.batch
+    meta_path = os.path.join(a.export_dir, "export.json")
+    have = json.load(open(meta_path))["towers"] if os.path.isfile(meta_path) else {}
+    if any(e.startswith("ours") for e in engines) and a.tower not in have:
         t0 = time.time()
         model = ec.create_model(a.model, seed=0, fused_ln=a.fused_ln)
-        export_model(model, a.workdir, towers=["image"], verify=False, rewrites=a.rewrites)
+        export_model(model, a.export_dir, towers=[a.tower], verify=False, rewrites=a.rewrites)
         del model
-        print(f"exported {a.model} image tower in {time.time() - t0:.0f}s -> {a.workdir}", flush=True)
+        print(f"exported {a.model} {a.tower} tower in {time.time() - t0:.0f}s -> {a.export_dir}", flush=True)
 
     times = {e: [] for e in engines}
     cpu_times = {e: [] for e in engines}
@@ -211,7 +237,7 @@ def main(argv=None):
     peak_rate = max(peak.values()) if peak else None
     rows = []
     for e in engines:
-        row = {"engine": e, "precision_used": used[e], "median_s": med[e], "images_per_s": ips[e],
+        row = {"engine": e, "precision_used": used[e], "median_s": med[e], f"{unit}_per_s": ips[e],
                "tflops": flops / med[e] / 1e12, "all_times": times[e], "cpu_median_s": cpu_med[e],
                "all_cpu_times": cpu_times[e]}
         for ref in ("openclip-fp32", "openclip-bf16"):
@@ -223,21 +249,22 @@ def main(argv=None):
         rows.append(row)
     agree = {}
     for lo, hi in (("ours-bf16", "ours-fp32"), ("ours-fp32_native", "ours-fp32"), ("openclip-bf16", "openclip-fp32")):
-        f1, f2 = (os.path.join(a.workdir, f"out_{x}.npy") for x in (lo, hi))
+        f1, f2 = (os.path.join(a.export_dir, f"out_{x}.npy") for x in (lo, hi))
         if os.path.isfile(f1) and os.path.isfile(f2):
             u, v = np.load(f1), np.load(f2)
             cos = (u * v).sum(1) / np.linalg.norm(u, axis=1) / np.linalg.norm(v, axis=1)
             agree[f"{lo}_vs_{hi}_min_cosine"] = float(cos.min())
 
-    print(f"\n{a.model} image encoder, batch {a.batch}, {cfg.vision_cfg.image_size} px, {a.threads} threads, "
-          f"{flops / a.batch / 1e9:.1f} GFLOP/image; median of {a.rounds}x{a.iters} iterations; "
+    size = f"{cfg.vision_cfg.image_size} px" if a.tower == "image" else f"{cfg.text_cfg.context_length} tokens"
+    print(f"\n{a.model} {a.tower} encoder, batch {a.batch}, {size}, {a.threads} threads, "
+          f"{flops / a.batch / 1e9:.1f} GFLOP/{unit[:-1]}; median of {a.rounds}x{a.iters} iterations; "
           f"OpenMP wait policy: {a.wait_policy}")
-    head = ("| engine | runs as | images/s | s/batch | vs open_clip fp32 | vs open_clip bf16 | TFLOP/s | of bf16 peak "
+    head = (f"| engine | runs as | {unit}/s | s/batch | vs open_clip fp32 | vs open_clip bf16 | TFLOP/s | of bf16 peak "
             "| CPU s/batch | CPU-time vs open_clip fp32 / bf16 |")
     print(head + "\n|" + "---|" * 10)
     nan = float("nan")
     for r in rows:
-        print(f"| {r['engine']} | {r['precision_used']} | {r['images_per_s']:.2f} | {r['median_s']:.2f} | "
+        print(f"| {r['engine']} | {r['precision_used']} | {r[f'{unit}_per_s']:.2f} | {r['median_s']:.2f} | "
               f"{r.get('x_openclip-fp32', nan):.2f}x | {r.get('x_openclip-bf16', nan):.2f}x | "
               f"{r['tflops']:.3f} | {100 * r.get('frac_bf16_peak', nan):.0f}% | {r['cpu_median_s']:.2f} | "
               f"{r.get('cpu_x_openclip-fp32', nan):.2f}x / {r.get('cpu_x_openclip-bf16', nan):.2f}x |")
@@ -254,8 +281,8 @@ def main(argv=None):
         targets["bf16 >= 1.0x open_clip bf16"] = ips["ours-bf16"] / ips["openclip-bf16"] >= 1.0
     for k, ok in targets.items():
         print(f"target {k}: {'met' if ok else 'MISSED'}")
-    result = {"model": a.model, "openclip_model": a.openclip_model, "batch": a.batch, "threads": a.threads,
-              "gflop_per_image": flops / a.batch / 1e9, "rows": rows, "peak_flops": peak, "agreement": agree,
+    result = {"model": a.model, "openclip_model": a.openclip_model, "tower": a.tower, "batch": a.batch, "threads": a.threads,
+              f"gflop_per_{unit[:-1]}": flops / a.batch / 1e9, "rows": rows, "peak_flops": peak, "agreement": agree,
               "targets": targets, "rewrites": a.rewrites, "fused_ln": a.fused_ln, "wait_policy": a.wait_policy}
     if a.out:
         with open(a.out, "w") as f:
