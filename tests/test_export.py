@@ -254,6 +254,20 @@ def test_cpu_kernel_program(exported, tmp_path):
         EVACLIPPredictor(plain, kernels="cpu").tower("image")
     with pytest.raises(ValueError, match="kernels must be one of"):
         EVACLIPPredictor(plain, kernels="fast")
+    # A CPU-kernel program that does not load (here: damaged) falls back to the portable one under
+    # 'auto', with a warning; 'cpu' reports the failure.
+    import shutil
+    broken = str(tmp_path / "broken")
+    shutil.copytree(out, broken)
+    with open(os.path.join(broken, "image", "cpu", "model.json"), "w") as f:
+        f.write('{"base_code": {"magic": "pir"}, "program": 7}')
+    with pytest.warns(UserWarning, match="CPU-kernel program did not load"):
+        fallback = EVACLIPPredictor(broken, threads=2)
+        assert fallback.tower("image").program == "portable"
+    x = np.random.RandomState(0).randn(2, 3, 32, 32).astype("float32")
+    np.testing.assert_allclose(fallback.encode_image(x), pred.encode_image(x), atol=1e-5)
+    with pytest.raises(Exception):
+        EVACLIPPredictor(broken, kernels="cpu").tower("image")
     # Re-exporting without the variant removes the old one.
     export_model(m, out + "_again", towers=["image"], verify=False)
     assert os.path.isdir(os.path.join(out + "_again", "image", "cpu"))

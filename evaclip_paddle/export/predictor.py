@@ -103,8 +103,8 @@ class EncoderPredictor:
     tensorrt: on GPU, run a TensorRT-converted copy of the program (built once next to the model).
     tune_malloc: on CPU, keep freed memory in this process's heap (perf.tune_malloc, process-wide).
     Paddle Inference frees each large activation to the OS and page-faults it back in on the next
-    op: 10M minor faults per EVA02-B-16 batch of 32, and 4.7 vs 7.1 images/s on this project's
-    2-core test machine.
+    op: about 2.3M minor faults per EVA02-B-16 batch of 32, and 4.7 vs 7.1 images/s on this
+    project's 2-core test machine.
     """
 
     def __init__(self, model_file: str, params_file: str, device: str = "cpu", threads: Optional[int] = None,
@@ -275,53 +275,67 @@ class EVACLIPPredictor:
         ops = dict(self.meta.get("custom_ops") or {}, names=list(names))
         register_op_library(_find_op_library(ops, self.export_dir, self.op_library))
 
-    def _program(self, name: str, t: dict):
-        """(program entry, kind) for tower t, with the op library it needs registered."""
+    def _cpu_variant(self, name: str, t: dict) -> Optional[dict]:
+        """The tower's CPU-kernel program entry when it is to run (its op library registered), else
+        None; with kernels='cpu', an error where it cannot run."""
         where = os.path.join(self.export_dir, EXPORT_META)
         variant = t.get("cpu_kernels")
-        if self.kernels != "native" and variant and self._runs_fp32_on_cpu():
-            try:
-                self._register_ops(variant.get("custom_ops") or [])
-                return variant, "cpu_kernels"
-            except (ExportError, OSError, RuntimeError) as e:
-                if self.kernels == "cpu":
-                    raise
-                warnings.warn(f"{where}: running the portable '{name}' program, the CPU-kernel one cannot "
-                              f"load ({e})")
-        elif self.kernels == "cpu":
-            why = (f"this export has no CPU-kernel '{name}' program (export with cpu_kernels)" if not variant
-                   else "it runs fp32 on CPU only (device='cpu', and precision fp32 or no bf16 on this CPU)")
-            raise ExportError(f"{where}: kernels='cpu' cannot be used: {why}")
-        # Exports from before per-tower op lists name their ops at the top level only.
-        ops = t["custom_ops"] if "custom_ops" in t else (self.meta.get("custom_ops") or {}).get("names")
-        if ops:
-            self._register_ops(ops)
-        return t, "portable"
+        if self.kernels == "native":
+            return None
+        if not (variant and self._runs_fp32_on_cpu()):
+            if self.kernels == "cpu":
+                why = (f"this export has no CPU-kernel '{name}' program (export with cpu_kernels)" if not variant
+                       else "it runs fp32 on CPU only (device='cpu', and precision fp32 or no bf16 on this CPU)")
+                raise ExportError(f"{where}: kernels='cpu' cannot be used: {why}")
+            return None
+        try:
+            self._register_ops(variant.get("custom_ops") or [])
+        except (ExportError, OSError, RuntimeError) as e:
+            if self.kernels == "cpu":
+                raise
+            warnings.warn(f"{where}: running the portable '{name}' program, the CPU-kernel one cannot load ({e})")
+            return None
+        return variant
+
+    def _create(self, prog: dict, t: dict, **overrides) -> EncoderPredictor:
+        kw = dict(self._kw, **overrides)
+        if kw.get("tensorrt"):
+            shape = list(t["input"]["shape"])
+            kw["trt_shapes"] = {"min": [1] + shape[1:], "opt": [min(8, self.max_batch)] + shape[1:],
+                                "max": [self.max_batch] + shape[1:]}
+        return EncoderPredictor(os.path.join(self.export_dir, prog["model_file"]),
+                                os.path.join(self.export_dir, prog["params_file"]), input_dtype=t["input"]["dtype"],
+                                **kw)
 
     def tower(self, name: str) -> EncoderPredictor:
         with self._init_lock:
-            if name not in self._towers:
-                t = self.meta["towers"].get(name)
-                if t is None:
-                    raise ExportError(f"{os.path.join(self.export_dir, EXPORT_META)}: this export has no "
-                                      f"'{name}' tower (it has: {', '.join(self.towers)})")
-                prog, kind = self._program(name, t)
-                kw = dict(self._kw)
-                if kind == "cpu_kernels":  # all-fp32 custom ops: oneDNN would only add its start-up
-                    if self.precision != "fp32":
-                        warnings.warn(f"{self.precision} does not run on this CPU (bf16 needs amx_bf16 or "
-                                      "avx512_bf16 and oneDNN; fp16 is GPU-only): running fp32")
-                    kw.update(precision="fp32", onednn=bool(prog.get("onednn", False)))
-                if kw.get("tensorrt"):
-                    shape = list(t["input"]["shape"])
-                    kw["trt_shapes"] = {"min": [1] + shape[1:], "opt": [min(8, self.max_batch)] + shape[1:],
-                                        "max": [self.max_batch] + shape[1:]}
-                pred = EncoderPredictor(
-                    os.path.join(self.export_dir, prog["model_file"]),
-                    os.path.join(self.export_dir, prog["params_file"]), input_dtype=t["input"]["dtype"], **kw)
-                pred.program = kind
-                self._towers[name] = pred
-            return self._towers[name]
+            if name in self._towers:
+                return self._towers[name]
+            t = self.meta["towers"].get(name)
+            if t is None:
+                raise ExportError(f"{os.path.join(self.export_dir, EXPORT_META)}: this export has no "
+                                  f"'{name}' tower (it has: {', '.join(self.towers)})")
+            variant, pred = self._cpu_variant(name, t), None
+            if variant is not None:
+                if self.precision != "fp32":
+                    warnings.warn(f"{self.precision} does not run on this CPU (bf16 needs amx_bf16 or avx512_bf16 "
+                                  "and oneDNN; fp16 is GPU-only): running fp32")
+                try:  # all-fp32 custom ops: oneDNN would only add its start-up
+                    pred = self._create(variant, t, precision="fp32", onednn=bool(variant.get("onednn", False)))
+                    pred.program = "cpu_kernels"
+                except Exception as e:  # e.g. an op library built before one of the program's ops existed
+                    if self.kernels == "cpu":
+                        raise
+                    warnings.warn(f"{os.path.join(self.export_dir, variant['model_file'])}: the CPU-kernel program "
+                                  f"did not load ({type(e).__name__}: {str(e)[:300]}); running the portable one")
+            if pred is None:
+                # Exports from before per-tower op lists name their ops at the top level only.
+                ops = t["custom_ops"] if "custom_ops" in t else (self.meta.get("custom_ops") or {}).get("names")
+                if ops:
+                    self._register_ops(ops)
+                pred = self._create(t, t)
+            self._towers[name] = pred
+            return pred
 
     @property
     def tokenizer(self):
