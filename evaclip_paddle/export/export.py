@@ -1,9 +1,12 @@
 """Static-graph export of the EVA-CLIP encoders for Paddle Inference (`evaclip-export`).
 
 Each tower is traced with paddle.jit.to_static (dynamic batch) and saved with paddle.jit.save as
-`<tower>/model.json` (PIR program) + `<tower>/model.pdiparams`. Beside them: `preprocess.json` (all a
-consumer needs to feed the encoders), the tokenizer vocabulary, the custom-op library when the
-program uses one, and `export.json` (written last: its presence marks a complete export).
+`<tower>/model.json` (PIR program) + `<tower>/model.pdiparams`: the portable program (any device and
+precision). Where the fused_ln op library has its MKL kernels, `<tower>/cpu/model.json` is the same
+encoder on those kernels for fp32 on CPU (see _CpuKernels), sharing the parameter file. Beside them:
+`preprocess.json` (all a consumer needs to feed the encoders), the tokenizer vocabulary, the
+custom-op library when a program uses one, and `export.json` (written last: its presence marks a
+complete export).
 """
 from __future__ import annotations
 
