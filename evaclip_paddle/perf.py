@@ -4,6 +4,35 @@ from __future__ import annotations
 import os
 
 
+# OMP_NUM_THREADS as the user had it before `import paddle` set it to 1 (where it was unset);
+# recorded by evaclip_paddle/__init__.py when it is imported before paddle.
+_USER_OMP = {"known": False, "value": None}
+
+
+def record_user_threads():
+    """Remembers the user's OMP_NUM_THREADS; only meaningful before paddle is imported."""
+    import sys
+    if "paddle" not in sys.modules:
+        _USER_OMP.update(known=True, value=os.environ.get("OMP_NUM_THREADS"))
+
+
+def default_threads() -> int:
+    """Threads for inference when none are asked for: OMP_NUM_THREADS as the user set it, else the
+    CPUs this process may run on (Paddle's own default, 1 thread, or the 1 that `import paddle`
+    writes into OMP_NUM_THREADS, would leave the other cores idle)."""
+    v = _USER_OMP["value"] if _USER_OMP["known"] else os.environ.get("OMP_NUM_THREADS")
+    try:
+        n = int(v) if v else 0
+    except ValueError:
+        n = 0
+    if n > 0:
+        return n
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def set_threads_env(threads: int = None) -> int:
     """Call BEFORE importing paddle: sets OMP_NUM_THREADS (default: all cores) unless already set."""
     n = threads or int(os.environ.get("OMP_NUM_THREADS", 0)) or (os.cpu_count() or 1)

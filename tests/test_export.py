@@ -245,6 +245,12 @@ def test_cpu_kernel_program(exported, tmp_path):
         assert ops["evaclip_linear_fwd"] >= 4 * n_blocks
         assert not {"softmax", "layer_norm", "gelu", "silu", "swish"} & set(ops), ops
         assert ops["matmul"] <= 1  # the output projection (one small GEMM) may stay native
+    from evaclip_paddle.ops import fused_norm
+    try:  # the kernels (libgomp) follow the predictor's thread count, not OMP_NUM_THREADS
+        EVACLIPPredictor(out, threads=3).tower("image")
+        assert fused_norm.get_num_threads() == 3
+    finally:
+        fused_norm.set_num_threads(0)
     pred = EVACLIPPredictor(out, threads=2, kernels="cpu")
     assert pred.tower("image").program == "cpu_kernels"
     plain = str(tmp_path / "plain")

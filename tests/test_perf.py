@@ -71,3 +71,24 @@ def test_gomp_spincount_set_before_paddle_loads_libgomp():
     assert _env_after("import evaclip_paddle", EVACLIP_GOMP_SPINCOUNT="default") == "None"
     assert _env_after("import evaclip_paddle", OMP_WAIT_POLICY="PASSIVE") == "None"
     assert _env_after("import paddle, evaclip_paddle") == "None"                       # too late: left alone
+
+
+def test_default_threads_ignore_the_one_paddle_writes(monkeypatch):
+    """The predictor's default thread count is the user's OMP_NUM_THREADS, else every usable CPU,
+    never the OMP_NUM_THREADS=1 that `import paddle` writes where it was unset."""
+    from evaclip_paddle import perf
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # as paddle leaves it
+    monkeypatch.setitem(perf._USER_OMP, "known", True)
+    monkeypatch.setitem(perf._USER_OMP, "value", None)
+    assert perf.default_threads() == len(os.sched_getaffinity(0))
+    monkeypatch.setitem(perf._USER_OMP, "value", "3")
+    assert perf.default_threads() == 3
+    monkeypatch.setitem(perf._USER_OMP, "known", False)  # evaclip_paddle imported after paddle
+    assert perf.default_threads() == 1
+    # and in a fresh process, importing evaclip_paddle first records an unset variable
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    out = subprocess.run([sys.executable, "-c", "import evaclip_paddle, paddle, os; from evaclip_paddle.perf import "
+                          "default_threads; print(os.environ['OMP_NUM_THREADS'], default_threads())"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.stdout.split()[-2:] == ["1", str(len(os.sched_getaffinity(0)))], out.stderr[-2000:]

@@ -319,7 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-size", type=int, default=1024, help="inputs per committed chunk (the resume unit)")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="image decoding threads")
     p.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
-    p.add_argument("--threads", type=int, default=None, help="CPU math threads of the predictor")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU math threads of the predictor (default: OMP_NUM_THREADS if set, else all usable CPUs)")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
                    help="default: the precision recorded at export")
     p.add_argument("--no-onednn", dest="onednn", action="store_false")

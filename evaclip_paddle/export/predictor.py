@@ -56,6 +56,26 @@ def register_op_library(so_path: str) -> List[str]:
         return ops
 
 
+def _set_kernel_threads(n: int):
+    """Makes the fused_ln kernels of every op library in this process use n threads. They run on
+    libgomp, which Paddle Inference's thread setting does not reach, and `import paddle` sets
+    OMP_NUM_THREADS=1 where it was unset: without this a CPU-kernel program ran its attention,
+    norms and epilogues on one thread next to n-thread GEMMs (EVA02-B-16 b32, 2 threads: 7.30 vs
+    8.14 images/s; more cores lose more)."""
+    import ctypes
+
+    with _register_lock:
+        paths = list(_registered_libs)
+    mod = sys.modules.get("evaclip_paddle.ops.fused_norm")
+    if mod is not None and mod.fused_ops_available():
+        paths.append(mod.op_library_path())
+    for path in dict.fromkeys(p for p in paths if p):
+        try:
+            ctypes.CDLL(path).fused_ln_set_num_threads(int(n))
+        except (OSError, AttributeError):  # not a fused_ln build (a user's own op library)
+            pass
+
+
 def _package_op_library(load: bool) -> Optional[str]:
     """The fused-norm op library of evaclip_paddle.ops; with load=False only if that module is
     already imported (asking it may load the op, and an op name must not be registered twice)."""
@@ -98,6 +118,7 @@ def _np_dtype(name: str):
 class EncoderPredictor:
     """One exported encoder (one input, one output) on paddle.inference.
 
+    threads: CPU threads (None: perf.default_threads(), the user's OMP_NUM_THREADS or all usable CPUs).
     precision: 'fp32', 'bf16' (CPU: oneDNN bf16 when supported, else fp32 with a warning; GPU: mixed
     bf16) or 'fp16' (GPU only; fp32 on CPU with a warning). `precision_used` says what runs.
     tensorrt: on GPU, run a TensorRT-converted copy of the program (built once next to the model).
@@ -145,8 +166,10 @@ class EncoderPredictor:
             if tune_malloc:
                 from ..perf import tune_malloc as _tune
                 _tune()
-            n = threads or int(os.environ.get("OMP_NUM_THREADS", 0) or 0) or (os.cpu_count() or 1)
+            from ..perf import default_threads
+            n = threads or default_threads()
             cfg.set_cpu_math_library_num_threads(int(n))
+            _set_kernel_threads(int(n))
             self.threads = int(n)
             if onednn:
                 cfg.enable_mkldnn()

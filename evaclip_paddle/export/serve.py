@@ -225,7 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="largest accepted request body")
     p.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, help="most inputs per request")
     p.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU math threads (default: OMP_NUM_THREADS if set, else all usable CPUs)")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None)
     p.add_argument("--no-onednn", dest="onednn", action="store_false")
     p.add_argument("--kernels", choices=["auto", "native", "cpu"], default="auto", help=KERNELS_HELP)
