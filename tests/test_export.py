@@ -129,10 +129,13 @@ def test_preprocess_json_reproduces_val_transform(tmp_path, size):
 def test_cli_export_bf16_verified(tmp_path, capsys):
     out = str(tmp_path / "cli")
     assert export_mod.main(["--model", "EVA02-CLIP-tiny", "--out", out, "--tower", "image", "--precision", "bf16",
-                            "--threads", "2"]) == 0
+                            "--threads", "2", "--cpu-kernels", "on" if CPU_KERNELS else "off"]) == 0
     meta = json.loads(open(os.path.join(out, "export.json")).read())
     assert meta["precision"] == "bf16" and list(meta["towers"]) == ["image"]
     assert meta["verify"]["image"]["max_rel_err"] < 1e-4
+    assert ("cpu_kernels" in meta["towers"]["image"]) == CPU_KERNELS
+    if CPU_KERNELS:  # both programs verified against dygraph
+        assert meta["verify"]["image"]["cpu_kernels_max_rel_err"] < 1e-4
     assert "text" not in read_spec(out)
     pred = EVACLIPPredictor(out, threads=2)  # bf16 recorded as the default run precision
     assert pred.precision == "bf16"
