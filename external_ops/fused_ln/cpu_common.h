@@ -1,6 +1,7 @@
 // Pieces shared by the float32 CPU kernels outside fused_ln_cpu.cc (fused_act_cpu.cc,
 // fused_attn_cpu.cc, fused_sdpa_cpu.cc, fused_gemm_cpu.cc): the per-ISA clone attribute, a
-// vectorisable exp, the normal CDF, a softmax row, the parallel loop and the input check.
+// vectorisable exp, the normal CDF, a softmax row, the bias/GELU row epilogue, the parallel loop
+// and its chunk sizes, and the input check.
 // Everything has internal linkage, so each file gets its own copy.
 #pragma once
 
@@ -101,6 +102,32 @@ FA_INLINE void softmax_row(const float* x, const float* mask, float scale, float
   const float inv = 1.f / sum;
 #pragma omp simd
   for (int64_t i = 0; i < len; ++i) y[i] *= inv;
+}
+
+constexpr int64_t kBlock = 1 << 14;  // elements per parallel work item of the elementwise/row kernels
+
+// Rows per parallel work item so that one holds about kBlock elements of rows of row_len.
+inline int64_t rows_per_chunk(int64_t row_len) {
+  return std::max<int64_t>(1, kBlock / std::max<int64_t>(1, row_len));
+}
+
+// Rows [r0, r0 + n) of y [rows, len]: y += b (b may be null when gelu), then the exact GELU when
+// gelu. The epilogue of the bias op and of the inference linear.
+[[maybe_unused]] FA_CLONES void bias_act_rows(float* y, const float* __restrict b, int64_t r0,
+                                              int64_t n, int64_t len, bool gelu) {
+  for (int64_t r = r0; r < r0 + n; ++r) {
+    float* __restrict yr = y + r * len;
+    if (gelu) {
+#pragma omp simd
+      for (int64_t i = 0; i < len; ++i) {
+        const float z = yr[i] + (b ? b[i] : 0.f);
+        yr[i] = z * normal_cdf(z);
+      }
+    } else {
+#pragma omp simd
+      for (int64_t i = 0; i < len; ++i) yr[i] += b[i];
+    }
+  }
 }
 
 void check_f32_cpu(const char* op, const paddle::Tensor& t, const char* what) {

@@ -17,8 +17,6 @@ namespace {
 
 FA_INLINE float sigmoid(float a) { return 1.f / (1.f + exp_approx(-a)); }
 
-constexpr int64_t kBlock = 1 << 14;  // elements per parallel work item of the gate kernels
-
 FA_CLONES void swiglu_fwd(const float* __restrict a, const float* __restrict b, float* __restrict y,
                           int64_t n) {
 #pragma omp simd
@@ -185,15 +183,6 @@ PD_BUILD_OP(evaclip_adam_direction)
 // [6304, 768] x [768, 2048] product here) and its broadcast add is slower still; one in-place pass
 // over y after the GEMM costs about half of either.
 
-namespace {
-
-FA_CLONES void add_row(float* __restrict y, const float* __restrict b, int64_t n) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) y[i] += b[i];
-}
-
-}  // namespace
-
 void BiasAdd(paddle::Tensor& y, const paddle::Tensor& b) {
   const char* op = "evaclip_bias_add";
   check_f32_cpu(op, y, "input");
@@ -204,9 +193,8 @@ void BiasAdd(paddle::Tensor& y, const paddle::Tensor& b) {
   const int64_t rows = y.numel() / n;
   float* py = y.data<float>();
   const float* pb = b.data<float>();
-  const int64_t rows_per_item = std::max<int64_t>(1, kBlock / n);
-  parallel_chunks(rows, rows_per_item, [&](int64_t r0, int64_t len) {
-    for (int64_t r = r0; r < r0 + len; ++r) add_row(py + r * n, pb, n);
+  parallel_chunks(rows, rows_per_chunk(n), [&](int64_t r0, int64_t len) {
+    bias_act_rows(py, pb, r0, len, n, false);
   });
 }
 

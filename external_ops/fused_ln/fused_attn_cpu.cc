@@ -19,11 +19,6 @@
 
 namespace {
 
-constexpr int64_t kBlock = 1 << 14;  // elements per parallel work item
-
-// Rows per chunk so that a chunk holds about kBlock elements.
-int64_t rows_per_chunk(int64_t row_len) { return std::max<int64_t>(1, kBlock / std::max<int64_t>(1, row_len)); }
-
 // ---- RoPE -------------------------------------------------------------------------------------
 
 // One head vector of d = 2 * half floats. The forward rotates each pair by the table's angle, the

@@ -15,25 +15,6 @@
 #include "mkl_min.h"
 #include "paddle/extension.h"
 
-namespace {
-
-constexpr int64_t kEpilogueBlock = 1 << 14;  // elements per parallel work item of the epilogue
-
-FA_CLONES void bias_row(float* __restrict y, const float* __restrict b, int64_t n) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) y[i] += b[i];
-}
-
-FA_CLONES void bias_gelu_row(float* __restrict y, const float* __restrict b, int64_t n) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    const float z = y[i] + (b ? b[i] : 0.f);
-    y[i] = z * normal_cdf(z);
-  }
-}
-
-}  // namespace
-
 std::vector<paddle::Tensor> LinearForward(const paddle::Tensor& x, const paddle::Tensor& w,
                                           const paddle::optional<paddle::Tensor>& bias, int act) {
   const char* op = "evaclip_linear_fwd";
@@ -66,14 +47,8 @@ std::vector<paddle::Tensor> LinearForward(const paddle::Tensor& x, const paddle:
   }
   const float* pb = bias ? bias->data<float>() : nullptr;
   if (pb == nullptr && act == 0) return {y};
-  const int64_t rows_per_item = std::max<int64_t>(1, kEpilogueBlock / n);
-  parallel_chunks(m, rows_per_item, [&](int64_t r0, int64_t len) {
-    for (int64_t r = r0; r < r0 + len; ++r) {
-      if (act == 1)
-        bias_gelu_row(py + r * n, pb, n);
-      else
-        bias_row(py + r * n, pb, n);
-    }
+  parallel_chunks(m, rows_per_chunk(n), [&](int64_t r0, int64_t len) {
+    bias_act_rows(py, pb, r0, len, n, act == 1);
   });
   return {y};
 }
