@@ -177,7 +177,8 @@ def run_worker(a):
 def spawn(a, worker: str) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", worker, "--export-dir", a.export_dir,
            "--wait-policy", a.wait_policy,
-           "--tower", a.tower, "--model", a.model, "--batch", str(a.batch), "--threads", str(a.threads), "--iters", str(a.iters), "--warmup", str(a.warmup),
+           "--tower", a.tower, "--model", a.model, "--batch", str(a.batch), "--threads", str(a.threads),
+           "--iters", str(a.iters), "--warmup", str(a.warmup),
            "--openclip-model", a.openclip_model]
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads), GLOG_minloglevel="2")
     if a.wait_policy == "passive":  # read by both Paddle's (Intel) and torch's (GNU) OpenMP runtimes

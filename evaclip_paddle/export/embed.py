@@ -22,7 +22,7 @@ from typing import Callable, Iterable, Iterator, List, Optional
 
 import numpy as np
 
-from .predictor import KERNELS_HELP
+from .predictor import KERNELS, KERNELS_HELP
 
 MANIFEST = "manifest.json"
 CHUNK_DIR = "chunks"
@@ -324,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
                    help="default: the precision recorded at export")
     p.add_argument("--no-onednn", dest="onednn", action="store_false")
-    p.add_argument("--kernels", choices=["auto", "native", "cpu"], default="auto", help=KERNELS_HELP)
+    p.add_argument("--kernels", choices=KERNELS, default="auto", help=KERNELS_HELP)
     p.add_argument("--no-normalize", dest="normalize", action="store_false", help="keep raw (unnormalised) features")
     p.add_argument("--max-batches", type=int, default=None,
                    help="stop after this many batches, as an interruption would (testing resume)")

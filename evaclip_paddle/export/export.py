@@ -3,7 +3,7 @@
 Each tower is traced with paddle.jit.to_static (dynamic batch) and saved with paddle.jit.save as
 `<tower>/model.json` (PIR program) + `<tower>/model.pdiparams`: the portable program (any device and
 precision). Where the fused_ln op library has its MKL kernels, `<tower>/cpu/model.json` is the same
-encoder on those kernels for fp32 on CPU (see _CpuKernels), sharing the parameter file. Beside them:
+encoder on those kernels for fp32 on CPU (see _cpu_kernels), sharing the parameter file. Beside them:
 `preprocess.json` (all a consumer needs to feed the encoders), the tokenizer vocabulary, the
 custom-op library when a program uses one, and `export.json` (written last: its presence marks a
 complete export).
@@ -11,6 +11,8 @@ complete export).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import filecmp
 import json
 import os
 import re
@@ -167,65 +169,45 @@ class _Rewrites:
         return False
 
 
-class _CpuKernels:
-    """Context manager: trace with the fused_ln CPU kernels (custom ops) in place of the native
-    math, for the CPU fp32 variant of a program. Every layer with a `fused` switch (norms,
-    attention, MLPs) has it on while tracing, and ops.fused_act.static_trace lets the kernels into
-    the static program: linears as MKL sgemm + bias (+ GELU) in one op, RoPE, attention, the
-    SwiGLU gate and the norms. Paddle Inference runs those ops on CPU only."""
+@contextlib.contextmanager
+def _cpu_kernels(model):
+    """Trace with the fused_ln CPU kernels (custom ops) in place of the native math, for the CPU
+    fp32 variant of a program. Every layer with a `fused` switch (norms, attention, MLPs) has it
+    on while tracing, and ops.fused_act.static_trace lets the kernels into the static program:
+    linears as MKL sgemm + bias (+ GELU) in one op, RoPE, attention, the SwiGLU gate and the
+    norms. Paddle Inference runs those ops on CPU only."""
+    from ..ops import fused_act
 
-    def __init__(self, model):
-        self.model, self._saved, self._trace = model, [], None
-
-    def __enter__(self):
-        from ..ops import fused_act
-        self._saved = [(m, m.fused) for m in self.model.sublayers(include_self=True)
-                       if isinstance(getattr(m, "fused", None), bool)]
-        for m, _ in self._saved:
-            m.fused = True
-        self._trace = fused_act.static_trace()
-        self._trace.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self._trace.__exit__(*exc)
-        for m, flag in self._saved:
+    saved = [(m, m.fused) for m in model.sublayers(include_self=True) if isinstance(getattr(m, "fused", None), bool)]
+    for m, _ in saved:
+        m.fused = True
+    try:
+        with fused_act.static_trace():
+            yield
+    finally:
+        for m, flag in saved:
             m.fused = flag
-        return False
 
 
 def cpu_kernels_available() -> bool:
     """The loaded op library has the kernels a CPU-kernel program needs (the linear op is built
     only where Paddle ships MKL)."""
     try:
-        from ..ops import fused_norm
-        mod = fused_norm._module()
+        from ..ops import fused_act, fused_attn
     except Exception:  # the ops package is optional
         return False
-    return mod is not None and all(hasattr(mod, op) for op in ("evaclip_linear_fwd", "evaclip_attention_fwd"))
+    return fused_act.linear_available() and fused_attn.inference_available()
 
 
-def _same_file(a: str, b: str) -> bool:
-    if os.path.getsize(a) != os.path.getsize(b):
-        return False
-    with open(a, "rb") as fa, open(b, "rb") as fb:
-        while True:
-            x, y = fa.read(1 << 22), fb.read(1 << 22)
-            if x != y:
-                return False
-            if not x:
-                return True
-
-
-def _save_cpu_variant(model, cfg, out_dir, tower, wrapper, spec, portable_params):
+def _save_cpu_variant(model, out_dir, tower, wrapper, spec, portable_params):
     """Traces and saves `<tower>/cpu/model.json`; its parameters are written once when they are
     byte-identical to the portable program's (the usual case: same parameters, same order)."""
-    with _CpuKernels(model):
+    with _cpu_kernels(model):
         static = paddle.jit.to_static(wrapper(model), input_spec=[spec], full_graph=True)
         prefix = os.path.join(out_dir, tower, "cpu", "model")
         paddle.jit.save(static, prefix)
     params = f"{tower}/cpu/model.pdiparams"
-    if _same_file(prefix + ".pdiparams", os.path.join(out_dir, portable_params)):
+    if filecmp.cmp(prefix + ".pdiparams", os.path.join(out_dir, portable_params), shallow=False):
         os.remove(prefix + ".pdiparams")
         params = portable_params
     return {"model_file": f"{tower}/cpu/model.json", "params_file": params, "onednn": False,
@@ -287,7 +269,7 @@ def export_model(model, out_dir: str, towers: Sequence[str] = TOWERS, precision:
     Inference and compare with dygraph (relative max error <= verify_tol, else an error).
     rewrites: trace with the oneDNN-friendly equivalents of slow patterns (see _Rewrites).
     cpu_kernels: also save each tower as a CPU fp32 program on the fused_ln kernels (see
-    _CpuKernels), which predictors prefer for fp32 on CPU; None: when the op library has them.
+    _cpu_kernels), which predictors prefer for fp32 on CPU; None: when the op library has them.
     The portable program (any device, any precision) is always written.
     """
     from ..factory import PRECISIONS
@@ -341,7 +323,7 @@ def export_model(model, out_dir: str, towers: Sequence[str] = TOWERS, precision:
             if os.path.isdir(cpu_dir):
                 shutil.rmtree(cpu_dir)  # a previous export's variant must not outlive this one
             if cpu_kernels:
-                variant = _save_cpu_variant(model, cfg, out_dir, tower, wrappers[tower], spec,
+                variant = _save_cpu_variant(model, out_dir, tower, wrappers[tower], spec,
                                             meta["towers"][tower]["params_file"])
                 used_ops.update(variant["custom_ops"])
                 meta["towers"][tower]["cpu_kernels"] = variant

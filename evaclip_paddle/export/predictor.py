@@ -67,8 +67,8 @@ def _set_kernel_threads(n: int):
     with _register_lock:
         paths = list(_registered_libs)
     mod = sys.modules.get("evaclip_paddle.ops.fused_norm")
-    if mod is not None and mod.fused_ops_available():
-        paths.append(mod.op_library_path())
+    if mod is not None:
+        paths.append(mod.loaded_op_library())  # (asking op_library_path() could load one)
     for path in dict.fromkeys(p for p in paths if p):
         try:
             ctypes.CDLL(path).fused_ln_set_num_threads(int(n))
@@ -244,7 +244,7 @@ def read_export_meta(export_dir: str) -> dict:
     return meta
 
 
-_KERNELS = ("auto", "native", "cpu")
+KERNELS = ("auto", "native", "cpu")
 KERNELS_HELP = ("program for a tower exported with CPU kernels: 'auto' runs it for fp32 on CPU when its op "
                 "library loads, 'cpu' insists on it, 'native' runs the portable program")
 
@@ -265,8 +265,8 @@ class EVACLIPPredictor:
                  **predictor_kwargs):
         from .preprocess import read_spec, transform_from_spec
 
-        if kernels not in _KERNELS:
-            raise ValueError(f"kernels must be one of {_KERNELS}, got '{kernels}'")
+        if kernels not in KERNELS:
+            raise ValueError(f"kernels must be one of {KERNELS}, got '{kernels}'")
         self.export_dir = export_dir
         self.meta = read_export_meta(export_dir)
         self.precision = precision or self.meta.get("precision", "fp32")

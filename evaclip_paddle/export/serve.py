@@ -26,7 +26,7 @@ from urllib.parse import parse_qs, urlparse
 
 import numpy as np
 
-from .predictor import KERNELS_HELP
+from .predictor import KERNELS, KERNELS_HELP
 
 DEFAULT_MAX_BYTES = 16 * 1024 * 1024
 DEFAULT_MAX_BATCH = 32
@@ -229,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU math threads (default: OMP_NUM_THREADS if set, else all usable CPUs)")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None)
     p.add_argument("--no-onednn", dest="onednn", action="store_false")
-    p.add_argument("--kernels", choices=["auto", "native", "cpu"], default="auto", help=KERNELS_HELP)
+    p.add_argument("--kernels", choices=KERNELS, default="auto", help=KERNELS_HELP)
     p.add_argument("--verbose", action="store_true", help="log every request")
     return p
 

@@ -19,7 +19,7 @@ import paddle.nn.functional as F
 from . import fused_norm
 
 
-# Set (by export.cpu_kernels_trace) while a CPU inference program is traced: the kernels then go
+# Set (by export._cpu_kernels) while a CPU inference program is traced: the kernels then go
 # into the static program too. Static values have no place, so only the dtype is checked then.
 _STATIC_TRACE = {"on": False}
 
@@ -96,3 +96,10 @@ def available() -> bool:
     """True when the loaded op library has the CPU gate kernel."""
     mod = fused_norm._module()
     return mod is not None and hasattr(mod, "evaclip_swiglu")
+
+
+def linear_available() -> bool:
+    """True when the loaded op library has the inference linear kernel (built only where Paddle
+    ships MKL)."""
+    mod = fused_norm._module()
+    return mod is not None and hasattr(mod, "evaclip_linear_fwd")

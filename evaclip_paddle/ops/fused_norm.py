@@ -187,6 +187,12 @@ def op_library_path():
     return _state["so"]
 
 
+def loaded_op_library():
+    """Path of the op library this process has already loaded, or None; unlike op_library_path()
+    it never loads one."""
+    return _state["so"]
+
+
 def _lib():
     global _clib
     if _clib is None and op_library_path():
